@@ -1,0 +1,286 @@
+"""``jaxrm train``: the loop that ties data → step → checkpoints → evaluation together.
+
+:func:`train` is the whole job behind ``jaxrm train CONFIG``: build the tokenizer, model and data, lay
+them on the mesh, resume from the run directory's latest checkpoint if there is one, run the jitted
+train step with periodic logging, evaluation and checkpoints, and finish with a final evaluation,
+checkpoint, plots and ``summary.json``. SIGTERM / SIGINT finish the current step, write a checkpoint
+and return normally; running the same command again resumes exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrm.data.batching import default_buckets
+from jaxrm.data.pipeline import training_batches
+from jaxrm.data.sources import load_examples, split_holdout
+from jaxrm.evaluate import preference_metrics, score_examples
+from jaxrm.margins import example_margins
+from jaxrm.train.checkpoint import Checkpointer, abstract_like
+from jaxrm.train.config import Config, ConfigError, save_config
+from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, make_mesh, replicated, state_shardings
+from jaxrm.train.metrics_log import MetricsLog, plot_run, summary_table
+from jaxrm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxrm.train.run_dir import build_model, build_tokenizer, save_model_spec
+from jaxrm.train.step import TrainState, loss_kind, make_reward_step, make_train_step, split_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient of a step was NaN/inf and ``train.on_nonfinite`` is ``stop``."""
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_data(config: Config, tokenizer):
+    """Tokenised train and eval examples with their margins, plus the data report of each."""
+    train_examples, train_report = load_examples(config.data.train, config.data, tokenizer, split="train",
+                                                 limit=config.data.limit)
+    if config.data.eval is not None:
+        eval_examples, eval_report = load_examples(config.data.eval, config.data, tokenizer, split="eval")
+    elif config.data.train == "synthetic":
+        eval_examples, eval_report = load_examples("synthetic", config.data, tokenizer, split="eval")
+    else:
+        train_examples, eval_examples = split_holdout(train_examples, config.data.eval_fraction, config.train.seed)
+        eval_report = dataclasses.replace(train_report, source=f"{config.data.train} (held-out "
+                                          f"{config.data.eval_fraction:.0%})", n_records=len(eval_examples))
+    train_examples = with_margins(train_examples, config)
+    eval_examples = with_margins(eval_examples, config)
+    check_data_fits_loss(train_examples, config)
+    return train_examples, eval_examples, {"train": train_report, "eval": eval_report}
+
+
+def with_margins(examples, config: Config):
+    margins = example_margins(examples, config.loss.margin, scale=config.loss.margin_scale,
+                              rating_margins=config.loss.rating_margins)
+    return [dataclasses.replace(example, margin=float(margin)) for example, margin in zip(examples, margins)]
+
+
+def check_data_fits_loss(examples, config: Config) -> None:
+    kind = loss_kind(config.loss.name)
+    if kind == "listwise":
+        if config.loss.centering:
+            raise ConfigError("loss.centering applies to pairs; with a listwise loss use loss.l2")
+        return
+    for example in examples:
+        if len(example.sequences) != 2:
+            raise ConfigError(f"loss.name={config.loss.name} needs two responses per record, but {example.source} "
+                              f"has {len(example.sequences)}; use loss.name=all_pairs or plackett_luce for rankings")
+        if kind == "pairwise" and list(example.ranks) != [0, 1]:
+            raise ConfigError(f"loss.name={config.loss.name} needs strict preferences (chosen first), but "
+                              f"{example.source} is a tie or prefers the second response; use loss.name=rao_kupper "
+                              "or davidson for data with ties")
+
+
+def evaluate_params(reward_step, params, examples, config: Config, buckets, pad_id, mesh):
+    rewards = score_examples(reward_step, params, examples, batch_size=config.train.batch_size,
+                             buckets=buckets, pad_id=pad_id, mesh=mesh)
+    return rewards, preference_metrics(rewards, examples, config.loss)
+
+
+def train(config: Config) -> dict:
+    """Trains (or resumes) the run of ``config``; returns the summary also written to ``summary.json``."""
+    if config.mesh.distributed:
+        jax.distributed.initialize(config.mesh.coordinator_address, config.mesh.num_processes,
+                                   config.mesh.process_id)
+    started = time.perf_counter()
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    tokenizer = build_tokenizer(config)
+    model = build_model(config, tokenizer)
+    train_examples, eval_examples, reports = prepare_data(config, tokenizer)
+    buckets = config.data.buckets or default_buckets(config.data.max_length)
+
+    mesh = make_mesh(config.mesh)
+    check_batch_divides(config.train.batch_size, mesh, config.train.grad_accum_steps)
+    reward_fn, params = split_model(model)
+    params = jax.device_put(params, state_shardings(params, mesh))
+    optimizer, schedule = make_optimizer(config.train), learning_rate_schedule(config.train)
+    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    batches, plan = training_batches(
+        train_examples, batch_size=config.train.batch_size, seed=config.train.seed, buckets=buckets,
+        pad_id=tokenizer.pad_token_id, length_group_batches=config.data.length_group_batches,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        state, data_state = checkpointer.restore(resumed_from, abstract_like(state, state_sharding))
+        batches.set_state(data_state)
+        _log(f"resuming {run_dir} from step {resumed_from}")
+    if is_main:
+        save_config(config, run_dir / "config.yaml")
+        save_model_spec(run_dir, model, tokenizer)
+
+    train_step = jax.jit(
+        make_train_step(reward_fn, optimizer, config.loss, grad_accum_steps=config.train.grad_accum_steps),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
+    reward_step = jax.jit(make_reward_step(reward_fn), out_shardings=replicated(mesh))
+    log = MetricsLog(run_dir, enabled=is_main)
+    step = int(state.step)
+    eval_metrics, eval_rewards, skipped_steps, stopped_by = None, None, 0, None
+    throughput = _Throughput()
+
+    progress = _progress_bar(config, step)
+    with _StopRequest() as stop, progress:
+        try:
+            while step < config.train.steps and stop.signal_name is None:
+                data_position = batches.get_state()["next_index"]
+                local = next(batches)
+                state, metrics = train_step(state, global_batch(local, mesh))
+                metrics = jax.device_get(metrics)
+                step += 1
+                throughput.add(local)
+                if metrics["nonfinite"]:
+                    sources = [train_examples[i].source for i in plan(data_position) if i >= 0]
+                    message = (f"step {step}: non-finite loss or gradient (loss={metrics['loss']}) on batch "
+                               f"{data_position} (records {', '.join(sources[:4])}{', …' if len(sources) > 4 else ''})")
+                    if config.train.on_nonfinite == "stop":
+                        checkpointer.save(step, state, batches.get_state(), force=True)
+                        checkpointer.wait()
+                        raise NonFiniteLossError(message + "; the update was not applied and the last good "
+                                                 "parameters are checkpointed. Set train.on_nonfinite=skip to skip "
+                                                 "such batches, or lower train.learning_rate")
+                    skipped_steps += 1
+                    _log(message + "; batch skipped")
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    logged = {**{k: float(v) for k, v in metrics.items()}, **throughput.rates(),
+                              "learning_rate": float(schedule(step))}
+                    log.write(step, "train", logged)
+                    progress.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.2f}",
+                                         pairs_s=f"{logged['examples_per_s']:.1f}", refresh=False)
+                progress.update(1)
+                checkpoint_metrics = None
+                if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+                    eval_rewards, eval_metrics = evaluate_params(reward_step, state.params, eval_examples, config,
+                                                                 buckets, tokenizer.pad_token_id, mesh)
+                    log.write(step, "eval", eval_metrics)
+                    checkpoint_metrics = {"accuracy": eval_metrics["accuracy"]}
+                if step % config.train.checkpoint_every == 0 and step < config.train.steps:
+                    checkpointer.save(step, state, batches.get_state(), metrics=checkpoint_metrics)
+        except BaseException:
+            # Nothing is lost: whatever stopped the loop, the last completed step is checkpointed.
+            if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)) and checkpointer.latest_step() != step:
+                checkpointer.save(step, state, batches.get_state(), force=True)
+            checkpointer.wait()
+            raise
+        stopped_by = stop.signal_name
+
+    if stopped_by is not None:
+        checkpointer.save(step, state, batches.get_state(), force=True)
+        checkpointer.wait()
+        checkpointer.close()
+        log.close()
+        _log(f"{stopped_by} received: stopped after step {step}, checkpoint written to {run_dir / 'checkpoints'}. "
+             f"Resume with: jaxrm train {run_dir / 'config.yaml'}")
+        return {"stopped_by": stopped_by, "step": step, "output_dir": str(run_dir)}
+
+    eval_rewards, eval_metrics = evaluate_params(reward_step, state.params, eval_examples, config, buckets,
+                                                 tokenizer.pad_token_id, mesh)
+    log.write(step, "eval", eval_metrics)
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, batches.get_state(), metrics={"accuracy": eval_metrics["accuracy"]}, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+
+    summary = {
+        **eval_metrics,
+        "step": step,
+        "resumed_from": resumed_from,
+        "skipped_steps": skipped_steps,
+        "wall_time_s": time.perf_counter() - started,
+        **{f"train_{k}": v for k, v in throughput.rates().items()},
+        "data": {split: report.as_dict() for split, report in reports.items()},
+        "output_dir": str(run_dir),
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        ranks = np.stack([np.pad(e.ranks, (0, eval_rewards.shape[1] - len(e.ranks)), constant_values=10**6)
+                          for e in eval_examples])
+        plot_run(run_dir, log, np.nan_to_num(eval_rewards), ranks)
+        print(summary_table({k: v for k, v in summary.items() if k != "data"}))
+        for split, report in reports.items():
+            print(f"{split} data: {report.n_records} records from {report.source}, {report.n_truncated} truncated, "
+                  f"{report.n_identical_pairs} with identical responses, 0 skipped")
+    log.close()
+    return summary
+
+
+class _Throughput:
+    """Real examples and real (non-padding) tokens per second since the last call to :meth:`rates`."""
+
+    def __init__(self):
+        self.examples = self.tokens = 0
+        self.since = time.perf_counter()
+        self.last = {"examples_per_s": 0.0, "tokens_per_s": 0.0}
+
+    def add(self, local_batch) -> None:
+        self.examples += int(local_batch.example_mask.sum()) * jax.process_count()
+        self.tokens += int(local_batch.attention_mask[local_batch.example_mask].sum()) * jax.process_count()
+
+    def rates(self) -> dict:
+        elapsed = time.perf_counter() - self.since
+        if self.examples:
+            self.last = {"examples_per_s": self.examples / elapsed, "tokens_per_s": self.tokens / elapsed}
+        self.examples = self.tokens = 0
+        self.since = time.perf_counter()
+        return dict(self.last)
+
+
+def _progress_bar(config: Config, step: int):
+    from tqdm.auto import tqdm
+
+    enabled = config.train.progress and jax.process_index() == 0
+    if not enabled:
+        return _NoProgress()
+    return tqdm(total=config.train.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
+class _NoProgress(contextlib.nullcontext):
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass

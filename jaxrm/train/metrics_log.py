@@ -1,0 +1,93 @@
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard events, PNG plots and a summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsLog:
+    """Appends ``{"step", "split", ...}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {key: float(value) for key, value in metrics.items() if np.ndim(value) == 0 and value is not None}
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+
+    def read(self, split: str) -> list[dict]:
+        if not self.path.exists():
+            return []
+        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [line for line in lines if line["split"] == split]
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: np.ndarray | None) -> list[Path]:
+    """``plots/loss.png`` (train and eval loss by step) and ``plots/rewards.png`` (chosen vs rejected)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    written = []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for split in ("train", "eval"):
+        points = [(line["step"], line["loss"]) for line in log.read(split) if "loss" in line]
+        if points:
+            steps, values = zip(*points)
+            axis.plot(steps, values, marker="o" if split == "eval" else None, label=split)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(plots / "loss.png", dpi=100)
+    plt.close(figure)
+    written.append(plots / "loss.png")
+    if rewards is not None and len(rewards):
+        best = np.take_along_axis(rewards, np.argmin(ranks, axis=1)[:, None], 1)[:, 0]
+        worst = np.take_along_axis(rewards, np.argmax(ranks, axis=1)[:, None], 1)[:, 0]
+        figure, axis = plt.subplots(figsize=(6, 4))
+        bins = np.histogram_bin_edges(np.concatenate([best, worst]), bins=40)
+        axis.hist(best, bins=bins, alpha=0.6, label="chosen")
+        axis.hist(worst, bins=bins, alpha=0.6, label="rejected")
+        axis.set_xlabel("reward")
+        axis.set_ylabel("count")
+        axis.set_title("held-out rewards: chosen vs rejected")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(plots / "rewards.png", dpi=100)
+        plt.close(figure)
+        written.append(plots / "rewards.png")
+    return written
+
+
+def summary_table(summary: dict) -> str:
+    """A two-column text table of the scalar entries of ``summary``."""
+    rows = [(key, value) for key, value in summary.items() if isinstance(value, (int, float, str)) and value is not None]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for key, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The train step: rewards of a batch → the configured loss → one Optax update. Pure and jit-compiled.
+
+The objective of a batch is the exact mean over its real examples,
+
+.. math::
+    J(\\theta) = \\frac{1}{N}\\sum_{b:\\,\\text{real}} \\big[\\ell(r_\\theta(x_b)) + c\\,(r_w + r_l)^2
+    + \\lambda\\,\\overline{r^2}\\big],
+
+with ℓ a loss from :mod:`jaxrm.losses` chosen by name, c the centering and λ the l2 coefficient.
+With gradient accumulation the batch is cut into micro-batches whose gradients are summed, each
+already divided by the N of the whole batch, so accumulation changes memory, never the result.
+A non-finite loss or gradient leaves parameters and optimizer state untouched and is reported in
+the metrics (``nonfinite``); the loop decides whether to stop or go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxrm import losses
+from jaxrm.data.batching import Batch
+from jaxrm.train.config import LossConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def loss_kind(name: str) -> str:
+    if name in losses.PAIRWISE_LOSSES:
+        return "pairwise"
+    if name in losses.TIE_LOSSES:
+        return "ties"
+    return "listwise"
+
+
+def example_losses(rewards: jax.Array, batch: Batch, config: LossConfig) -> jax.Array:
+    """Per-example loss ``[B]`` of rewards ``[B, K]`` under ``config.name``."""
+    name = config.name
+    if name in losses.PAIRWISE_LOSSES:
+        chosen, rejected = rewards[:, 0], rewards[:, 1]
+        margin = batch.margin
+        if name == "hinge":
+            return losses.hinge(chosen, rejected, margin=config.hinge_margin + margin)
+        if name == "smoothed_bradley_terry":
+            return losses.smoothed_bradley_terry(chosen, rejected, config.smoothing, margin=margin)
+        if name == "focal_bradley_terry":
+            return losses.focal_bradley_terry(chosen, rejected, gamma=config.gamma, margin=margin)
+        return losses.bradley_terry(chosen, rejected, margin=margin)
+    if name == "rao_kupper":
+        return losses.rao_kupper(rewards[:, 0], rewards[:, 1], batch.outcome, config.log_theta)
+    if name == "davidson":
+        return losses.davidson(rewards[:, 0], rewards[:, 1], batch.outcome, config.log_nu)
+    return losses.LISTWISE_LOSSES[name](rewards, batch.ranks, where=batch.slot_mask)
+
+
+def pair_statistics(rewards: jax.Array, ranks: jax.Array, slot_mask: jax.Array, example_mask: jax.Array) -> dict:
+    """Sums over every ordered pair (i better than j, both real) of real examples.
+
+    ``correct`` counts r_i > r_j strictly (ties count as wrong), ``gap`` sums r_i − r_j, ``pairs``
+    counts pairs. For preference pairs these are exactly accuracy and mean margin r_w − r_l; tie
+    records (equal ranks) contribute no pair.
+    """
+    better = (ranks[:, :, None] < ranks[:, None, :]) & slot_mask[:, :, None] & slot_mask[:, None, :]
+    better &= example_mask[:, None, None]
+    gap = rewards[:, :, None] - rewards[:, None, :]
+    return {
+        "pairs": jnp.sum(better),
+        "correct": jnp.sum(better & (gap > 0)),
+        "gap": jnp.sum(jnp.where(better, gap, 0.0)),
+    }
+
+
+def batch_objective(rewards: jax.Array, batch: Batch, config: LossConfig, num_real: jax.Array):
+    """Σ over the real examples of loss + regularisers, divided by ``num_real`` (the whole batch's count)."""
+    per_example = example_losses(rewards, batch, config)
+    if config.centering:
+        per_example += config.centering * losses.centering(rewards[:, 0], rewards[:, 1])
+    if config.l2:
+        slot_l2 = jnp.where(batch.slot_mask, losses.l2(rewards), 0.0)
+        per_example += config.l2 * jnp.sum(slot_l2, -1) / jnp.maximum(jnp.sum(batch.slot_mask, -1), 1)
+    # masked_mean over this (micro-)batch, reweighted to its share of the whole batch's real examples.
+    share = jnp.sum(batch.example_mask) / jnp.maximum(num_real, 1.0)
+    return losses.masked_mean(per_example, where=batch.example_mask) * share, per_example
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunction:
+    """A model split into its static graph and non-parameter state: ``rewards(params, batch) → [B, K]``."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+
+    def __call__(self, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        model = nnx.merge(self.graphdef, params, self.rest)
+        num, list_size, length = input_ids.shape
+        rewards = model(input_ids.reshape(num * list_size, length), attention_mask.reshape(num * list_size, length))
+        return rewards.reshape(num, list_size, *rewards.shape[1:]).astype(jnp.float32)
+
+
+def split_model(model: nnx.Module) -> tuple[RewardFunction, nnx.State]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return RewardFunction(graphdef, rest), params
+
+
+def _micro_batches(batch: Batch, count: int) -> Batch:
+    # Row j·count + i goes to micro-batch i: rows stay on the device that holds them.
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransformation, loss_config: LossConfig,
+                    *, grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """``train_step(state, batch) -> (state, metrics)``, not yet jitted (the caller adds shardings)."""
+
+    def objective(params, batch, num_real):
+        rewards = reward_fn(params, batch.input_ids, batch.attention_mask)
+        value, _ = batch_objective(rewards, batch, loss_config, num_real)
+        return value, rewards
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch):
+        num_real = jnp.sum(batch.example_mask).astype(jnp.float32)
+        if grad_accum_steps == 1:
+            (loss, rewards), grads = grad_fn(state.params, batch, num_real)
+        else:
+            def accumulate(carry, micro):
+                loss_sum, grads_sum = carry
+                (loss, rewards), grads = grad_fn(state.params, micro, num_real)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), rewards
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), rewards = jax.lax.scan(accumulate, (0.0, zeros), _micro_batches(batch, grad_accum_steps))
+            rewards = rewards.swapaxes(0, 1).reshape(-1, *rewards.shape[2:])
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
+        stats = pair_statistics(rewards, batch.ranks, batch.slot_mask, batch.example_mask)
+        real_slots = batch.slot_mask & batch.example_mask[:, None]
+        reward_mean = jnp.sum(jnp.where(real_slots, rewards, 0.0)) / jnp.maximum(jnp.sum(real_slots), 1)
+        reward_var = jnp.sum(jnp.where(real_slots, (rewards - reward_mean) ** 2, 0.0)) / jnp.maximum(jnp.sum(real_slots), 1)
+        metrics = {
+            "loss": loss,
+            "accuracy": stats["correct"] / jnp.maximum(stats["pairs"], 1),
+            "mean_margin": stats["gap"] / jnp.maximum(stats["pairs"], 1),
+            "reward_mean": reward_mean,
+            "reward_std": jnp.sqrt(reward_var),
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.int32),
+            "examples": num_real,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_reward_step(reward_fn: RewardFunction) -> Callable[[nnx.State, Batch], jax.Array]:
+    """``rewards(params, batch) -> [B, K]`` for evaluation and scoring."""
+    return lambda params, batch: reward_fn(params, batch.input_ids, batch.attention_mask)

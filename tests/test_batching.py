@@ -1,0 +1,103 @@
+"""Batches: buckets, masked padding examples, the seeded plan, and grain's resumable position."""
+
+import numpy as np
+import pytest
+
+from jaxrm.data.batching import BatchPlan, Collator, bucket_length, collate, default_buckets, sequential_batches
+from jaxrm.data.pipeline import training_batches
+from jaxrm.data.tokenize import TokenizedExample
+
+
+def make_example(lengths, ranks=None, source="x:1", margin=0.0, rating=-1):
+    sequences = tuple(np.arange(1, n + 1, dtype=np.int32) for n in lengths)
+    return TokenizedExample(
+        sequences=sequences,
+        ranks=np.asarray(ranks if ranks is not None else range(len(lengths)), np.int32),
+        outcome=1, margin=margin, rating=rating, true_rewards=None, source=source, truncated=False,
+        subset=None, response_lengths=np.asarray(lengths, np.int32),
+    )
+
+
+def test_default_buckets():
+    assert default_buckets(256) == [32, 64, 96, 128, 192, 256]
+    assert default_buckets(100) == [32, 64, 96, 100]
+    assert bucket_length(65, [32, 64, 96]) == 96
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        bucket_length(97, [32, 64, 96])
+
+
+def test_collate_pads_and_masks():
+    batch = collate([make_example([3, 5], margin=0.5, rating=2), None], list_size=2, length=8, pad_id=0)
+    assert batch.input_ids.shape == (2, 2, 8)
+    np.testing.assert_array_equal(batch.attention_mask[0, 0], [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch.input_ids[0, 1], [1, 2, 3, 4, 5, 0, 0, 0])
+    np.testing.assert_array_equal(batch.example_mask, [True, False])
+    assert batch.margin[0] == 0.5 and batch.rating[0] == 2 and batch.rating[1] == -1
+    # padding examples keep one attended token per row so attention stays well defined
+    assert batch.attention_mask[1].sum() == 2
+
+
+def test_collate_pads_short_lists():
+    batch = collate([make_example([2, 2, 2], ranks=[1, 0, 2]), make_example([2, 2])], list_size=3, length=4, pad_id=0)
+    np.testing.assert_array_equal(batch.slot_mask, [[True, True, True], [True, True, False]])
+    np.testing.assert_array_equal(batch.ranks[0], [1, 0, 2])
+
+
+@pytest.mark.parametrize("group", [0, 4])
+def test_plan_is_an_epoch_permutation_with_padding(group):
+    lengths = np.random.default_rng(0).integers(1, 100, size=103)
+    plan = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group)
+    assert plan.batches_per_epoch == 13
+    for epoch in range(2):
+        indices = np.concatenate([plan(epoch * 13 + i) for i in range(13)])
+        real = indices[indices >= 0]
+        assert sorted(real.tolist()) == list(range(103))  # every example once: none dropped, none repeated
+        assert (indices < 0).sum() == 1
+    assert not np.array_equal(plan(0), plan(13))  # a new order every epoch
+    again = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group)
+    np.testing.assert_array_equal(plan(5), again(5))
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(1).integers(10, 250, size=4096)
+    buckets = default_buckets(256)
+
+    def padded_tokens(plan):
+        total = 0
+        for i in range(plan.batches_per_epoch):
+            real = plan(i)[plan(i) >= 0]
+            total += bucket_length(lengths[real].max(), buckets) * len(real)
+        return total
+
+    plain = padded_tokens(BatchPlan(lengths, batch_size=16, seed=0))
+    grouped = padded_tokens(BatchPlan(lengths, batch_size=16, seed=0, length_group_batches=16))
+    assert grouped < 0.75 * plain
+    assert lengths.sum() / grouped > 0.8
+
+
+def test_process_rows_share_the_global_bucket():
+    examples = [make_example([n, n]) for n in (5, 40, 6, 7)]
+    rows = [Collator(examples, buckets=[32, 64], pad_id=0, process_index=p, process_count=2)(np.arange(4))
+            for p in range(2)]
+    assert rows[0].input_ids.shape == rows[1].input_ids.shape == (2, 2, 64)
+    np.testing.assert_array_equal(rows[1].attention_mask[0, 0].sum(), 6)
+
+
+def test_sequential_batches_cover_everything_once():
+    batches = sequential_batches([5, 3, 9, 1, 7], 2)
+    flat = np.concatenate(batches)
+    assert sorted(flat[flat >= 0].tolist()) == [0, 1, 2, 3, 4]
+    assert len(batches) == 3
+
+
+def test_grain_iterator_resumes_exactly():
+    examples = [make_example([n % 30 + 2, n % 17 + 2], source=f"f:{n}") for n in range(50)]
+    iterator, _ = training_batches(examples, batch_size=8, seed=1, buckets=[32], pad_id=0)
+    first = [next(iterator) for _ in range(4)]
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(3)]
+    resumed, _ = training_batches(examples, batch_size=8, seed=1, buckets=[32], pad_id=0)
+    resumed.set_state(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(3)]):
+        np.testing.assert_array_equal(want.input_ids, got.input_ids)
+    assert not np.array_equal(first[0].input_ids, expected[0].input_ids)
