@@ -271,7 +271,9 @@ def _iter_dataset(name: str, *, split: str, local: bool, allow_download: bool) -
                 "pass a directory written by save_to_disk, or one holding .jsonl/.parquet data files"
             ) from None
         if allow_download:
-            raise DataError(f"{name}: cannot load this Hugging Face dataset ({type(error).__name__}: {error})") from None
+            raise DataError(
+                f"{name}: cannot load this Hugging Face dataset ({type(error).__name__}: {error})"
+            ) from None
         raise DataError(
             f"{name}: not a local file or directory, and no Hugging Face dataset of that name is available "
             "offline (jaxrm does not download during a run); download it where there is network, e.g. "

@@ -48,7 +48,11 @@ _FIELDS = {
     "tie": ("prompt", "a", "b", "outcome") + _METADATA_FIELDS,
 }
 # The fields that give a record's kind away, and the ones each kind cannot do without.
-_MARKERS = {"pairwise": ("chosen", "rejected"), "ranked": ("responses", "ranks", "scores"), "tie": ("a", "b", "outcome")}
+_MARKERS = {
+    "pairwise": ("chosen", "rejected"),
+    "ranked": ("responses", "ranks", "scores"),
+    "tie": ("a", "b", "outcome"),
+}
 _REQUIRED = {"pairwise": ("chosen", "rejected"), "ranked": ("responses",), "tie": ("a", "b", "outcome")}
 
 
@@ -234,7 +238,9 @@ def normalize_rating(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value < len(RATING_LEVELS):
             return RATING_LEVELS[value]
-        raise ValueError(f"{value} is out of range; integer ratings are 0 (negligibly better) to 3 (significantly better)")
+        raise ValueError(
+            f"{value} is out of range; integer ratings are 0 (negligibly better) to 3 (significantly better)"
+        )
     if isinstance(value, str):
         key = " ".join(value.replace("_", " ").replace("-", " ").lower().split())
         if key in _RATING_ALIASES:

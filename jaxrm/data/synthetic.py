@@ -58,7 +58,9 @@ class SyntheticTask:
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if not 1 <= self.min_words <= self.max_words:
-            raise ValueError(f"need 1 <= min_words <= max_words, got min_words={self.min_words}, max_words={self.max_words}")
+            raise ValueError(
+                f"need 1 <= min_words <= max_words, got min_words={self.min_words}, max_words={self.max_words}"
+            )
         if not (np.isfinite(self.reward_scale) and self.reward_scale > 0):
             raise ValueError(f"reward_scale must be a positive number, got {self.reward_scale}")
 

@@ -246,7 +246,7 @@ def _render_record(record: Record, tokenizer) -> tuple[str, list[str], bool]:
     conversations = [_as_messages(response, "assistant") for response in responses]
     if not getattr(tokenizer, "chat_template", None):
         prompt_text = _plain(prompt)
-        if conversations and all(conversation and conversation[0].role == "assistant" for conversation in conversations):
+        if all(conversation[0].role == "assistant" for conversation in conversations):
             prompt_text += "\n\nAssistant:"
         # The first assistant turn continues the prompt's "Assistant:" label: " " + content.
         texts = [_plain(prompt + conversation)[len(prompt_text) :] for conversation in conversations]

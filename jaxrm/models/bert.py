@@ -6,9 +6,9 @@ bidirectional attention over the real tokens, and the GELU flavour the config's 
 The pooler (dense + tanh on the first token) is not part of the backbone: `jaxrm.models.RewardModel` keeps
 it in the reward head, where ``BertForSequenceClassification`` uses it.
 
-Positions come from the padding mask (``cumsum(mask) - 1``), so a right-padded batch matches
-transformers exactly and a left-padded one gives the same hidden states for its real tokens (transformers
-would shift the positions of a left-padded sequence). Dropout is not applied: the backbone is
+Positions of real tokens come from the padding mask (``cumsum(mask) - 1``), so a right-padded batch
+matches transformers exactly and a left-padded one gives the same hidden states for its real tokens
+(transformers would shift the positions of a left-padded sequence). Dropout is not applied: the backbone is
 deterministic, as in transformers' eval mode.
 """
 
@@ -65,7 +65,8 @@ class BertSpec:
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"Model type {model_type!r} is not an encoder this backbone supports; use one of {SUPPORTED_MODEL_TYPES}."
+                f"Model type {model_type!r} is not an encoder this backbone supports; "
+                f"use one of {SUPPORTED_MODEL_TYPES}."
             )
         position_type = getattr(config, "position_embedding_type", "absolute") or "absolute"
         if position_type != "absolute":
@@ -73,7 +74,7 @@ class BertSpec:
                 f"Only absolute position embeddings are supported, got position_embedding_type={position_type!r}."
             )
         if getattr(config, "is_decoder", False):
-            raise ValueError("BERT configs with is_decoder=True (causal BERT) are not supported; use an encoder checkpoint.")
+            raise ValueError("BERT configs with is_decoder=True are not supported; use an encoder checkpoint.")
         hidden_act = config.hidden_act
         if hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={hidden_act!r} is not supported; use one of {tuple(_ACTIVATIONS)}.")
@@ -143,16 +144,15 @@ class Embeddings(nnx.Module):
         self.position_embeddings = _embed(spec.max_position_embeddings, spec, (None, "embed"), **common)
         self.token_type_embeddings = _embed(spec.type_vocab_size, spec, (None, "embed"), **common)
         self.layer_norm = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.dtype = dtype
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        # Summed in the parameter dtype, as transformers does, then normalised into the compute dtype.
+        # Summed in the parameter dtype, as transformers does; the LayerNorm returns the compute dtype.
         summed = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
             + self.token_type_embeddings.embedding[0]
         )
-        return self.layer_norm(summed.astype(self.dtype))
+        return self.layer_norm(summed)
 
 
 class SelfAttention(nnx.Module):
@@ -232,7 +232,9 @@ class BertBackbone(nnx.Module):
                 f"Sequences of {input_ids.shape[-1]} tokens exceed the model's "
                 f"{self.spec.max_position_embeddings} position embeddings; truncate them."
             )
-        positions = jnp.maximum(jnp.cumsum(token_mask, axis=-1) - 1, 0)
+        # Real tokens count from 0 whatever the padding side; pad tokens keep their index, which is what
+        # transformers gives every token, so right-padded batches match it at pad positions as well.
+        positions = jnp.where(token_mask, jnp.cumsum(token_mask, axis=-1) - 1, jnp.arange(input_ids.shape[-1]))
         # Every query attends to all real keys (transformers' padding mask); a row with no real token
         # falls back to uniform attention, which stays finite.
         mask = token_mask[:, None, None, :]

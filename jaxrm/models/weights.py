@@ -55,7 +55,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         return {key: directory / name for key, name in weight_map.items()}
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        found = sorted(path.name for path in directory.glob("*.bin")) + sorted(path.name for path in directory.glob("*.pt*"))
+        found = sorted(path.name for pattern in ("*.bin", "*.pt", "*.pth") for path in directory.glob(pattern))
         hint = f" It has {found}; jaxrm never unpickles weights, so convert them to safetensors first." if found else ""
         raise FileNotFoundError(f"{directory} has no *.safetensors weights.{hint}")
     owner = {}
@@ -119,4 +119,5 @@ class RenamedKeys(Mapping):
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:
     """Writes one safetensors file with the ``format: pt`` metadata that transformers expects."""
-    save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, str(path), metadata={"format": "pt"})
+    contiguous = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    save_file(contiguous, str(path), metadata={"format": "pt"})

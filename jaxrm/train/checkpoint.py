@@ -11,11 +11,22 @@ device count.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+class _NoMetricsNotice(logging.Filter):
+    """Periodic saves between evaluations carry no metrics by design; orbax warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNotice())
 
 
 def _accuracy(metrics) -> float:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -293,6 +294,10 @@ def _coerce(value, annotation, key: str, origin: str):
         return dict(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; a number written that way is still a number.
+        with contextlib.suppress(ValueError):
+            return float(value)
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{origin}: {key} must be true or false, got {value!r}")
     if annotation is int and isinstance(value, bool):
@@ -316,15 +321,17 @@ def _check_values(config: Config) -> None:
         "train.steps": config.train.steps,
         "train.grad_accum_steps": config.train.grad_accum_steps,
         "data.max_length": config.data.max_length,
-        "mesh.fsdp": config.mesh.fsdp,
-        "mesh.model": config.mesh.model,
         "train.keep_checkpoints": config.train.keep_checkpoints,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if config.mesh.data == 0 or config.mesh.data < -1:
-        raise ConfigError(f"mesh.data must be a positive device count or -1 (all remaining), got {config.mesh.data}")
+    mesh_axes = {"mesh.data": config.mesh.data, "mesh.fsdp": config.mesh.fsdp, "mesh.model": config.mesh.model}
+    for key, value in mesh_axes.items():
+        if value == 0 or value < -1:
+            raise ConfigError(f"{key} must be a positive device count or -1 (all remaining devices), got {value}")
+    if list(mesh_axes.values()).count(-1) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.model may be -1")
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size ({config.train.batch_size}) must divide by train.grad_accum_steps "

@@ -9,7 +9,6 @@ and return normally; running the same command again resumes exactly where the ru
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import signal
@@ -29,7 +28,7 @@ from jaxrm.evaluate import preference_metrics, score_examples
 from jaxrm.margins import example_margins
 from jaxrm.train.checkpoint import Checkpointer, abstract_like
 from jaxrm.train.config import Config, ConfigError, save_config
-from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, make_mesh, replicated, state_shardings
+from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, make_mesh, on_mesh, replicated, state_shardings
 from jaxrm.train.metrics_log import MetricsLog, plot_run, summary_table
 from jaxrm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxrm.train.run_dir import build_model, build_tokenizer, save_model_spec
@@ -132,8 +131,7 @@ def train(config: Config) -> dict:
     reward_fn, params = split_model(model)
     params = jax.device_put(params, state_shardings(params, mesh))
     optimizer, schedule = make_optimizer(config.train), learning_rate_schedule(config.train)
-    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
-    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    state = on_mesh(TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params)), mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -163,7 +161,7 @@ def train(config: Config) -> dict:
     eval_metrics, eval_rewards, skipped_steps, stopped_by = None, None, 0, None
     throughput = _Throughput()
 
-    progress = _progress_bar(config, step)
+    progress = _Progress(config, step)
     with _StopRequest() as stop, progress:
         try:
             while step < config.train.steps and stop.signal_name is None:
@@ -189,8 +187,7 @@ def train(config: Config) -> dict:
                     logged = {**{k: float(v) for k, v in metrics.items()}, **throughput.rates(),
                               "learning_rate": float(schedule(step))}
                     log.write(step, "train", logged)
-                    progress.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.2f}",
-                                         pairs_s=f"{logged['examples_per_s']:.1f}", refresh=False)
+                    progress.report(step, logged)
                 progress.update(1)
                 checkpoint_metrics = None
                 if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
@@ -269,18 +266,29 @@ class _Throughput:
         return dict(self.last)
 
 
-def _progress_bar(config: Config, step: int):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar (loss, accuracy, pairs/s) on a terminal; a plain log line every log step otherwise."""
 
-    enabled = config.train.progress and jax.process_index() == 0
-    if not enabled:
-        return _NoProgress()
-    return tqdm(total=config.train.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, config: Config, step: int):
+        from tqdm.auto import tqdm
 
+        self.enabled = config.train.progress and jax.process_index() == 0
+        self.bar = tqdm(total=config.train.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (self.enabled and sys.stderr.isatty()))
 
-class _NoProgress(contextlib.nullcontext):
-    def update(self, n=1):
-        pass
+    def report(self, step: int, metrics: dict) -> None:
+        text = dict(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                    pairs_s=f"{metrics['examples_per_s']:.1f}")
+        if not self.bar.disable:
+            self.bar.set_postfix(text, refresh=False)
+        elif self.enabled:
+            print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in text.items()), file=sys.stderr, flush=True)
 
-    def set_postfix(self, **kwargs):
-        pass
+    def update(self, count: int = 1) -> None:
+        self.bar.update(count)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()

@@ -31,16 +31,22 @@ LOGICAL_RULES = {
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-    """The ``(data, fsdp, model)`` mesh over ``devices`` (default: every device of every process)."""
+    """The ``(data, fsdp, model)`` mesh over ``devices`` (default: every device of every process).
+
+    One axis may be ``-1``: it takes every device the other two leave.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    rest = config.fsdp * config.model
-    data = config.data if config.data != -1 else len(devices) // rest
-    if data * rest != len(devices):
+    shape = [config.data, config.fsdp, config.model]
+    if -1 in shape:
+        fixed = int(np.prod([size for size in shape if size != -1]))
+        shape[shape.index(-1)] = len(devices) // fixed
+    if int(np.prod(shape)) != len(devices):
         raise ConfigError(
-            f"mesh.data × mesh.fsdp × mesh.model = {data} × {config.fsdp} × {config.model} = {data * rest}, "
-            f"but there are {len(devices)} devices; make the product equal the device count (mesh.data=-1 fills it)"
+            f"mesh.data × mesh.fsdp × mesh.model = {' × '.join(map(str, shape))} = {int(np.prod(shape))}, "
+            f"but there are {len(devices)} devices; make the product equal the device count "
+            "(one axis may be -1 to take the rest)"
         )
-    return jax.make_mesh((data, config.fsdp, config.model), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -71,6 +77,14 @@ def state_shardings(state: nnx.State, mesh: Mesh):
         lambda spec, leaf: NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh)),
         logical, state,
         is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def on_mesh(tree, mesh: Mesh):
+    """Replicates over ``mesh`` every array of ``tree`` that does not live on it yet (step, counters)."""
+    mesh_devices = set(mesh.devices.flat)
+    return jax.tree.map(
+        lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated(mesh)), tree
     )
 
 

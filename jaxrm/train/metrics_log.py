@@ -23,7 +23,7 @@ class MetricsLog:
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
-        scalars = {key: float(value) for key, value in metrics.items() if np.ndim(value) == 0 and value is not None}
+        scalars = flat_scalars(metrics)
         with self.path.open("a") as file:
             file.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
         for key, value in scalars.items():
@@ -38,6 +38,17 @@ class MetricsLog:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def flat_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers of a (nested) metrics dict, keyed ``outer/inner``; text and missing values left out."""
+    scalars = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            scalars.update(flat_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, np.number)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+            scalars[prefix + key] = float(value)
+    return scalars
 
 
 def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: np.ndarray | None) -> list[Path]:

@@ -142,7 +142,7 @@ def make_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransfor
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (loss, grads), rewards = jax.lax.scan(accumulate, (0.0, zeros), _micro_batches(batch, grad_accum_steps))
             rewards = rewards.swapaxes(0, 1).reshape(-1, *rewards.shape[2:])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
