@@ -67,7 +67,7 @@ def test_score_then_export_scores_the_same_in_transformers(run_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(export)
     record = records[0]
     with torch.no_grad():
-        ids = tokenizer(record["prompt"] + record["chosen"], return_tensors="pt")
+        ids = tokenizer(record["prompt"] + " " + record["chosen"], return_tensors="pt")
         torch_reward = model(**ids).logits[0, 0].item()
     np.testing.assert_allclose(torch_reward, scores[0]["rewards"][0], atol=1e-4)
 

@@ -3,7 +3,8 @@
 A record is one JSON object (a JSONL line, a Parquet or ``datasets`` row). Its kind follows from its
 fields:
 
-* pairwise ``{"prompt"?, "chosen", "rejected", "margin"?, "rating"?}``;
+* pairwise ``{"prompt"?, "chosen", "rejected", "margin"?, "margin_std"?, "rating"?, "score_chosen"?,
+  "score_rejected"?}`` (per-response scores, e.g. UltraFeedback's, come as a pair or not at all);
 * ranked ``{"prompt"?, "responses": [...], "ranks" | "scores"}`` (higher score = better; equal = tie);
 * tie ``{"prompt"?, "a", "b", "outcome"}`` with outcome ``1`` (a wins), ``-1`` (b wins), ``0`` (tie),
   or ``"a"`` / ``"b"`` / ``"tie"``.
@@ -43,7 +44,8 @@ _RATING_ALIASES = {name: index for index, name in enumerate(RATING_LEVELS)} | {"
 _OUTCOME_ALIASES = {"a": 1, "b": -1, "tie": 0}
 _METADATA_FIELDS = ("id", "subset", "true_rewards")
 _FIELDS = {
-    "pairwise": ("prompt", "chosen", "rejected", "margin", "rating") + _METADATA_FIELDS,
+    "pairwise": ("prompt", "chosen", "rejected", "margin", "margin_std", "rating", "score_chosen", "score_rejected")
+    + _METADATA_FIELDS,
     "ranked": ("prompt", "responses", "ranks", "scores") + _METADATA_FIELDS,
     "tie": ("prompt", "a", "b", "outcome") + _METADATA_FIELDS,
 }
@@ -84,6 +86,10 @@ class PairRecord:
     subset: str | None = None
     true_rewards: tuple[float, float] | None = None
     id: str | int | None = None
+    #: ``(score_chosen, score_rejected)`` when the record has per-response scores.
+    scores: tuple[float, float] | None = None
+    #: The spread of an estimated margin (``jaxrm margins estimate``: the ensemble's std).
+    margin_std: float | None = None
 
     @property
     def responses(self) -> tuple[Text, Text]:
@@ -205,6 +211,8 @@ def parse_record(
             prompt=prompt, chosen=responses[0], rejected=responses[1],
             margin=_parse_margin(present.get("margin"), source), rating=_parse_rating(present.get("rating"), source),
             source=source, subset=subset, true_rewards=true_rewards, id=record_id,
+            scores=_parse_pair_scores(present, source),
+            margin_std=_parse_margin(present.get("margin_std"), source, name="margin_std"),
         )
     if kind == "tie":
         return TieRecord(
@@ -382,15 +390,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _parse_margin(value: Any, source: str) -> float | None:
+def _parse_margin(value: Any, source: str, *, name: str = "margin") -> float | None:
     if value is None:
         return None
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise DataError(
-            f"{source}: field 'margin' must be a finite number >= 0, got {_preview(value)}; "
+            f"{source}: field '{name}' must be a finite number >= 0, got {_preview(value)}; "
             "a margin says how much better chosen is, so a negative one means the pair is swapped"
         )
     return float(value)
+
+
+def _parse_pair_scores(present: dict, source: str) -> tuple[float, float] | None:
+    given = [name for name in ("score_chosen", "score_rejected") if name in present]
+    if not given:
+        return None
+    if len(given) == 1:
+        missing = "score_rejected" if given[0] == "score_chosen" else "score_chosen"
+        raise DataError(f"{source}: field '{given[0]}' needs '{missing}' too; give both scores or neither")
+    scores = _parse_numbers([present["score_chosen"], present["score_rejected"]], "[score_chosen, score_rejected]",
+                            2, source)
+    return (scores[0], scores[1])
 
 
 def _parse_rating(value: Any, source: str) -> str | None:

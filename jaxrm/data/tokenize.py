@@ -69,6 +69,8 @@ class TokenizedExample:
       subset: the record's subset label, if any.
       response_lengths: int32 ``[K]``, response tokens kept in each sequence (special tokens and
         prompt excluded; when a chat template hides the prompt boundary, the whole conversation).
+      scores: float32 ``[K]`` per-response scores (ranked ``scores``; pairwise ``score_chosen``,
+        ``score_rejected``), else None.
     """
 
     sequences: tuple[np.ndarray, ...]
@@ -81,6 +83,7 @@ class TokenizedExample:
     truncated: bool
     subset: str | None
     response_lengths: np.ndarray
+    scores: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -367,4 +370,5 @@ def _example(record: Record, special: SpecialTokens, bodies, kept, truncated: bo
         truncated=truncated,
         subset=record.subset,
         response_lengths=np.asarray(kept, dtype=np.int32),
+        scores=None if getattr(record, "scores", None) is None else np.asarray(record.scores, dtype=np.float32),
     )

@@ -91,10 +91,15 @@ class LossConfig:
     #: ``focal_bradley_terry`` (pairs), ``rao_kupper``, ``davidson`` (ties), ``all_pairs``,
     #: ``plackett_luce`` (rankings).
     name: str = "bradley_terry"
-    #: Where the pairwise margin m comes from: ``none``, ``data`` (the record's ``margin`` field) or
-    #: ``rating`` (the record's rating through ``rating_margins``); scaled by ``margin_scale``.
+    #: Where the pairwise margin m comes from (see ``jaxrm.margins``): ``none``, ``data`` (the record's
+    #: ``margin`` field), ``rating`` (the record's rating through ``rating_margins``), ``score_gap``
+    #: (score_chosen − score_rejected) or ``confidence`` (online, from the model's own detached reward
+    #: gap: m = margin_scale · max(0, tanh(Δ/2)), ramped in over ``confidence_warmup_steps``).
     margin: str = "none"
+    #: Multiplies every margin source; for ``confidence`` it is the largest margin.
     margin_scale: float = 1.0
+    #: ``confidence`` margins grow linearly from 0 to full over this many steps (0: full from step 0).
+    confidence_warmup_steps: int = 0
     #: Margin per rating level, weakest first ("negligibly better" … "significantly better");
     #: ``small`` and ``large`` are Llama 2's maps.
     rating_margins: str | list[float] = "small"
@@ -164,6 +169,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_PAIRWISE_LOSSES = ("bradley_terry", "hinge", "smoothed_bradley_terry", "focal_bradley_terry")
+
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -175,7 +182,7 @@ _CHOICES = {
         "bradley_terry", "hinge", "smoothed_bradley_terry", "focal_bradley_terry",
         "rao_kupper", "davidson", "all_pairs", "plackett_luce",
     ),
-    "loss.margin": ("none", "data", "rating"),
+    "loss.margin": ("none", "data", "rating", "score_gap", "confidence"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
 }
@@ -345,6 +352,13 @@ def _check_values(config: Config) -> None:
         not config.data.buckets or max(config.data.buckets) < config.data.max_length
     ):
         raise ConfigError(f"data.buckets must be non-empty and reach data.max_length ({config.data.max_length})")
+    if not (config.loss.margin_scale >= 0 and config.loss.margin_scale < float("inf")):
+        raise ConfigError(f"loss.margin_scale must be a finite number >= 0, got {config.loss.margin_scale}")
+    if config.loss.confidence_warmup_steps < 0:
+        raise ConfigError(f"loss.confidence_warmup_steps must be >= 0, got {config.loss.confidence_warmup_steps}")
+    if config.loss.margin != "none" and config.loss.name not in _PAIRWISE_LOSSES:
+        raise ConfigError(f"loss.margin={config.loss.margin} applies to the pairwise losses "
+                          f"({', '.join(_PAIRWISE_LOSSES)}), not {config.loss.name}; set loss.margin=none")
     if isinstance(config.loss.rating_margins, str) and config.loss.rating_margins not in ("small", "large"):
         raise ConfigError("loss.rating_margins must be small, large, or a list of 4 margins (weakest first)")
     if isinstance(config.loss.rating_margins, list) and len(config.loss.rating_margins) != 4:

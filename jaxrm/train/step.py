@@ -7,6 +7,9 @@ The objective of a batch is the exact mean over its real examples,
     + \\lambda\\,\\overline{r^2}\\big],
 
 with ℓ a loss from :mod:`jaxrm.losses` chosen by name, c the centering and λ the l2 coefficient.
+The pairwise margin is the batch's own (resolved on the host from ``loss.margin``), plus, for
+``loss.margin=confidence``, the online margin :func:`jaxrm.margins.confidence_margins` of the
+current rewards, detached and ramped in by ``state.step``.
 With gradient accumulation the batch is cut into micro-batches whose gradients are summed, each
 already divided by the N of the whole batch, so accumulation changes memory, never the result.
 A non-finite loss or gradient leaves parameters and optimizer state untouched and is reported in
@@ -26,6 +29,7 @@ from flax import nnx
 
 from jaxrm import losses
 from jaxrm.data.batching import Batch
+from jaxrm.margins import confidence_margins
 from jaxrm.train.config import LossConfig
 
 
@@ -81,6 +85,15 @@ def pair_statistics(rewards: jax.Array, ranks: jax.Array, slot_mask: jax.Array, 
     }
 
 
+def with_online_margin(rewards: jax.Array, batch: Batch, config: LossConfig, step: jax.Array) -> Batch:
+    """The batch with ``loss.margin=confidence``'s online margin added (unchanged for other sources)."""
+    if config.margin != "confidence" or config.name not in losses.PAIRWISE_LOSSES:
+        return batch
+    online = confidence_margins(rewards[:, 0], rewards[:, 1], step, scale=config.margin_scale,
+                                warmup_steps=config.confidence_warmup_steps)
+    return batch.replace(margin=batch.margin + online)
+
+
 def batch_objective(rewards: jax.Array, batch: Batch, config: LossConfig, num_real: jax.Array):
     """Σ over the real examples of loss + regularisers, divided by ``num_real`` (the whole batch's count)."""
     per_example = example_losses(rewards, batch, config)
@@ -122,26 +135,29 @@ def make_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransfor
                     *, grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)``, not yet jitted (the caller adds shardings)."""
 
-    def objective(params, batch, num_real):
+    def objective(params, batch, num_real, step):
         rewards = reward_fn(params, batch.input_ids, batch.attention_mask)
+        batch = with_online_margin(rewards, batch, loss_config, step)
         value, _ = batch_objective(rewards, batch, loss_config, num_real)
-        return value, rewards
+        return value, (rewards, batch.margin)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         num_real = jnp.sum(batch.example_mask).astype(jnp.float32)
         if grad_accum_steps == 1:
-            (loss, rewards), grads = grad_fn(state.params, batch, num_real)
+            (loss, (rewards, margins)), grads = grad_fn(state.params, batch, num_real, state.step)
         else:
             def accumulate(carry, micro):
                 loss_sum, grads_sum = carry
-                (loss, rewards), grads = grad_fn(state.params, micro, num_real)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), rewards
+                (loss, aux), grads = grad_fn(state.params, micro, num_real, state.step)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), aux
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss, grads), rewards = jax.lax.scan(accumulate, (0.0, zeros), _micro_batches(batch, grad_accum_steps))
+            (loss, grads), (rewards, margins) = jax.lax.scan(accumulate, (0.0, zeros),
+                                                             _micro_batches(batch, grad_accum_steps))
             rewards = rewards.swapaxes(0, 1).reshape(-1, *rewards.shape[2:])
+            margins = margins.swapaxes(0, 1).reshape(-1)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -156,6 +172,8 @@ def make_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransfor
             "loss": loss,
             "accuracy": stats["correct"] / jnp.maximum(stats["pairs"], 1),
             "mean_margin": stats["gap"] / jnp.maximum(stats["pairs"], 1),
+            # The margin the loss asked for (mean over real examples), next to the gap it got.
+            "loss_margin": jnp.sum(jnp.where(batch.example_mask, margins, 0.0)) / jnp.maximum(num_real, 1.0),
             "reward_mean": reward_mean,
             "reward_std": jnp.sqrt(reward_var),
             "grad_norm": grad_norm,
