@@ -70,7 +70,8 @@ def main():
         grads = np.asarray(jax.vmap(jax.grad(fn))(points), np.float64)
         wrong = ~np.isclose(grads, exact_grad, rtol=1e-6, atol=0)
         verdict = "exact at 0, ±1e-30, ±1, ±1e4" if not wrong.any() else ", ".join(
-            f"WRONG at {p:g}: {g:g} (σ(−x) = {e:g})" for p, g, e in zip(points[wrong], grads[wrong], exact_grad[wrong])
+            f"WRONG at {p:g}: {g:g} (σ(−x) = {e:g})"
+            for p, g, e in zip(points[wrong], grads[wrong], exact_grad[wrong])
         )
         print(f"{name:<24} {best[name, 'fwd'] * 1e3:7.1f} {best[name, 'fwd+bwd'] * 1e3:11.1f}"
               f" {best[name, 'bwd only'] * 1e3:13.1f} {error:10.1e}  {verdict}")

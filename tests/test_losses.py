@@ -277,7 +277,8 @@ GRAD_CASES = {
     "bradley_terry": (lambda w, r, m: L.bradley_terry(w, r, m), (CHOSEN, REJECTED, MARGIN)),
     "hinge": (lambda w, r: L.hinge(w, r), (AWAY_FROM_KINKS, REJECTED)),
     "smoothed_bradley_terry": (lambda w, r, m: L.smoothed_bradley_terry(w, r, 0.2, m), (CHOSEN, REJECTED, MARGIN)),
-    "focal_bradley_terry": (lambda w, r, g: L.focal_bradley_terry(w, r, g), (AWAY_FROM_ZERO, REJECTED, np.float32(1.5))),
+    "focal_bradley_terry": (
+        lambda w, r, g: L.focal_bradley_terry(w, r, g), (AWAY_FROM_ZERO, REJECTED, np.float32(1.5))),
     "rao_kupper": (lambda a, b, nu: L.rao_kupper(a, b, OUTCOME, nu), (CHOSEN, REJECTED, np.float32(0.7))),
     "davidson": (lambda a, b, nu: L.davidson(a, b, OUTCOME, nu), (CHOSEN, REJECTED, np.float32(-0.3))),
     "all_pairs": (lambda r: L.all_pairs(r, LIST_RANKS, LIST_WHERE), (LIST_REWARDS,)),

@@ -40,6 +40,9 @@ ROLES = ("system", "user", "assistant", "tool")
 #: The hh-rlhf turn marker that ends an implicit prompt.
 ASSISTANT_MARKER = "\n\nAssistant:"
 
+#: The largest finite float32: numbers read from records are used in float32 on the device.
+FLOAT32_MAX = 3.4028234663852886e38
+
 _RATING_ALIASES = {name: index for index, name in enumerate(RATING_LEVELS)} | {"unsure": 0}
 _OUTCOME_ALIASES = {"a": 1, "b": -1, "tie": 0}
 _METADATA_FIELDS = ("id", "subset", "true_rewards")
@@ -397,6 +400,11 @@ def _parse_margin(value: Any, source: str, *, name: str = "margin") -> float | N
         raise DataError(
             f"{source}: field '{name}' must be a finite number >= 0, got {_preview(value)}; "
             "a margin says how much better chosen is, so a negative one means the pair is swapped"
+        )
+    if value > FLOAT32_MAX:
+        raise DataError(
+            f"{source}: field '{name}' is {_preview(value)}, beyond the float32 range (about 3.4e38) that training "
+            "computes in, where it would become inf; rescale the margins (loss.margin_scale multiplies them back)"
         )
     return float(value)
 

@@ -6,7 +6,8 @@ directory and renames it when complete, so a process killed mid-save leaves the 
 as the latest one: an incomplete checkpoint is never listed, never loaded.
 
 Restoring takes the *target* shardings, so a run saved on one mesh restores onto any other mesh or
-device count.
+device count. Before restoring, the saved shapes are compared with the target's, so a checkpoint of a
+different model fails naming the parameter instead of deep inside Orbax.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxrm.train.config import ConfigError
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint holds a different model (other parameter names or shapes) than the one configured."""
 
 
 class _NoMetricsNotice(logging.Filter):
@@ -47,7 +54,13 @@ class Checkpointer:
             enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+        self.directory = Path(directory).absolute()
+        # Handlers given up front (not only through save/restore args) so that metadata can be read
+        # before a restore, to check shapes.
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+        )
 
     def save(self, step: int, state, data_state: dict, *, metrics: dict | None = None, force: bool = False) -> bool:
         """Starts saving (async); returns whether a checkpoint was started."""
@@ -65,18 +78,60 @@ class Checkpointer:
         return self.manager.best_step()
 
     def restore(self, step: int, abstract_state):
-        """Restores ``step`` onto the shardings of ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``)."""
+        """Restores ``step`` onto the shardings of ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct``).
+
+        Raises:
+          CheckpointMismatchError: the checkpoint's parameters differ in name or shape from the target's.
+        """
+        self.check_matches(step, abstract_state)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["data"]
 
+    def check_matches(self, step: int, abstract_state) -> None:
+        """Compares the saved tree of ``step`` with ``abstract_state``: same leaves, same shapes."""
+        saved = _shapes_by_path(self.manager.item_metadata(step)["state"])
+        target = _shapes_by_path(abstract_state)
+        problems = []
+        for path in sorted(target.keys() | saved.keys(), key=_params_first):
+            if path not in saved:
+                problems.append(f"{path} is not in the checkpoint")
+            elif path not in target:
+                problems.append(f"{path} is in the checkpoint but not in the configured model")
+            elif tuple(saved[path]) != tuple(target[path]):
+                problems.append(f"{path} has shape {tuple(saved[path])} in the checkpoint but "
+                                f"{tuple(target[path])} in the configured model")
+        if problems:
+            more = f" (and {len(problems) - 3} more differences)" if len(problems) > 3 else ""
+            raise CheckpointMismatchError(
+                f"{self.directory / str(step)} holds a different model: {'; '.join(problems[:3])}{more}. "
+                "A run directory resumes only the model it was started with: use a new output_dir for a new "
+                "model, or restore the run's own model settings (see its config.yaml)"
+            )
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """``{"params/backbone/…/kernel": shape}`` for a train state, its abstract form, or Orbax metadata."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+        # nnx variables add a trailing "value" level in saved metadata; it is no part of the name.
+        if names and names[-1] == "value":
+            names.pop()
+        shapes["/".join(names)] = tuple(getattr(leaf, "shape", ()))
+    return shapes
+
+
+def _params_first(path: str) -> tuple[bool, str]:
+    return (not path.startswith("params/"), path)
 
 
 def abstract_like(tree, shardings):

@@ -4,15 +4,20 @@
 them on the mesh, resume from the run directory's latest checkpoint if there is one, run the jitted
 train step with periodic logging, evaluation and checkpoints, and finish with a final evaluation,
 checkpoint, plots and ``summary.json``. SIGTERM / SIGINT finish the current step, write a checkpoint
-and return normally; running the same command again resumes exactly where the run stopped.
+and return normally; running the same command again resumes exactly where the run stopped. Any other
+exception that ends the loop first checkpoints the last completed step, and no checkpoint ever holds
+non-finite parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,6 +63,15 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _all_finite(tree) -> bool:
+    return bool(_finite(tree))
 
 
 def _log(message: str) -> None:
@@ -114,6 +128,8 @@ def evaluate_params(reward_step, params, examples, config: Config, buckets, pad_
 def train(config: Config) -> dict:
     """Trains (or resumes) the run of ``config``; returns the summary also written to ``summary.json``."""
     if config.mesh.distributed:
+        # CPU devices of several processes talk through gloo; the option affects nothing but CPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(config.mesh.coordinator_address, config.mesh.num_processes,
                                    config.mesh.process_id)
     started = time.perf_counter()
@@ -124,6 +140,9 @@ def train(config: Config) -> dict:
     tokenizer = build_tokenizer(config)
     model = build_model(config, tokenizer)
     train_examples, eval_examples, reports = prepare_data(config, tokenizer)
+    for split, report in reports.items():
+        for warning in dict.fromkeys(report.warnings):
+            _log(f"{split} data: warning: {warning}")
     buckets = config.data.buckets or default_buckets(config.data.max_length)
 
     mesh = make_mesh(config.mesh)
@@ -141,9 +160,11 @@ def train(config: Config) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     resumed_from = checkpointer.latest_step()
+    skipped = {"steps": 0, "records": 0}
     if resumed_from is not None:
         state, data_state = checkpointer.restore(resumed_from, abstract_like(state, state_sharding))
-        batches.set_state(data_state)
+        batches.set_state(data_state["iterator"])
+        skipped = data_state["skipped"]
         _log(f"resuming {run_dir} from step {resumed_from}")
     if is_main:
         save_config(config, run_dir / "config.yaml")
@@ -158,30 +179,46 @@ def train(config: Config) -> dict:
     reward_step = jax.jit(make_reward_step(reward_fn), out_shardings=replicated(mesh))
     log = MetricsLog(run_dir, enabled=is_main)
     step = int(state.step)
-    eval_metrics, eval_rewards, skipped_steps, stopped_by = None, None, 0, None
+    eval_metrics, eval_rewards, stopped_by = None, None, None
+    # The data position that goes with ``state``: it moves on only when a step has completed.
+    position = batches.get_state()
+
+    def save(**options) -> None:
+        """Checkpoints ``state`` (unless this step is saved already); refuses non-finite parameters."""
+        if checkpointer.latest_step() == step and options.get("force"):
+            return
+        if not _all_finite(state.params):
+            raise NonFiniteLossError(f"step {step}: the parameters hold NaN or inf, so no checkpoint was written; "
+                                     f"the last good checkpoint is step {checkpointer.latest_step()}. Lower "
+                                     "train.learning_rate (or raise train.warmup_steps)")
+        checkpointer.save(step, state, {"iterator": position, "skipped": dict(skipped)}, **options)
+
     throughput = _Throughput()
 
     progress = _Progress(config, step)
     with _StopRequest() as stop, progress:
         try:
             while step < config.train.steps and stop.signal_name is None:
-                data_position = batches.get_state()["next_index"]
+                data_position = position["next_index"]
                 local = next(batches)
                 state, metrics = train_step(state, global_batch(local, mesh))
                 metrics = jax.device_get(metrics)
                 step += 1
+                position = batches.get_state()
                 throughput.add(local)
                 if metrics["nonfinite"]:
                     sources = [train_examples[i].source for i in plan(data_position) if i >= 0]
                     message = (f"step {step}: non-finite loss or gradient (loss={metrics['loss']}) on batch "
                                f"{data_position} (records {', '.join(sources[:4])}{', …' if len(sources) > 4 else ''})")
+                    skipped["steps"] += 1
+                    skipped["records"] += len(sources)
                     if config.train.on_nonfinite == "stop":
-                        checkpointer.save(step, state, batches.get_state(), force=True)
+                        save(force=True)
                         checkpointer.wait()
-                        raise NonFiniteLossError(message + "; the update was not applied and the last good "
-                                                 "parameters are checkpointed. Set train.on_nonfinite=skip to skip "
-                                                 "such batches, or lower train.learning_rate")
-                    skipped_steps += 1
+                        raise NonFiniteLossError(message + f"; the update was not applied and the last good "
+                                                 f"parameters are checkpointed as step {step}. Set "
+                                                 "train.on_nonfinite=skip to skip such batches, or lower "
+                                                 "train.learning_rate")
                     _log(message + "; batch skipped")
                 if step % config.train.log_every == 0 or step == config.train.steps:
                     logged = {**{k: float(v) for k, v in metrics.items()}, **throughput.rates(),
@@ -196,17 +233,18 @@ def train(config: Config) -> dict:
                     log.write(step, "eval", eval_metrics)
                     checkpoint_metrics = {"accuracy": eval_metrics["accuracy"]}
                 if step % config.train.checkpoint_every == 0 and step < config.train.steps:
-                    checkpointer.save(step, state, batches.get_state(), metrics=checkpoint_metrics)
-        except BaseException:
+                    save(metrics=checkpoint_metrics)
+        except BaseException as error:
             # Nothing is lost: whatever stopped the loop, the last completed step is checkpointed.
-            if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)) and checkpointer.latest_step() != step:
-                checkpointer.save(step, state, batches.get_state(), force=True)
+            if not isinstance(error, NonFiniteLossError) and not any(
+                    leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+                save(force=True)
             checkpointer.wait()
             raise
         stopped_by = stop.signal_name
 
     if stopped_by is not None:
-        checkpointer.save(step, state, batches.get_state(), force=True)
+        save(force=True)
         checkpointer.wait()
         checkpointer.close()
         log.close()
@@ -217,8 +255,7 @@ def train(config: Config) -> dict:
     eval_rewards, eval_metrics = evaluate_params(reward_step, state.params, eval_examples, config, buckets,
                                                  tokenizer.pad_token_id, mesh)
     log.write(step, "eval", eval_metrics)
-    if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, batches.get_state(), metrics={"accuracy": eval_metrics["accuracy"]}, force=True)
+    save(metrics={"accuracy": eval_metrics["accuracy"]}, force=True)
     checkpointer.wait()
     checkpointer.close()
 
@@ -226,23 +263,41 @@ def train(config: Config) -> dict:
         **eval_metrics,
         "step": step,
         "resumed_from": resumed_from,
-        "skipped_steps": skipped_steps,
+        "skipped_steps": skipped["steps"],
         "wall_time_s": time.perf_counter() - started,
         **{f"train_{k}": v for k, v in throughput.rates().items()},
-        "data": {split: report.as_dict() for split, report in reports.items()},
+        "data": {split: {**report.as_dict(), "skipped": skipped["records"] if split == "train" else 0}
+                 for split, report in reports.items()},
         "output_dir": str(run_dir),
     }
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         ranks = np.stack([np.pad(e.ranks, (0, eval_rewards.shape[1] - len(e.ranks)), constant_values=10**6)
                           for e in eval_examples])
-        plot_run(run_dir, log, np.nan_to_num(eval_rewards), ranks)
+        with _private_matplotlib_cache():
+            plot_run(run_dir, log, np.nan_to_num(eval_rewards), ranks)
         print(summary_table({k: v for k, v in summary.items() if k != "data"}))
-        for split, report in reports.items():
-            print(f"{split} data: {report.n_records} records from {report.source}, {report.n_truncated} truncated, "
-                  f"{report.n_identical_pairs} with identical responses, 0 skipped")
+        for split, counts in summary["data"].items():
+            print(f"{split} data: {counts['records']} records from {counts['source']}, {counts['truncated']} "
+                  f"truncated, {counts['identical_pairs']} with identical responses, {counts['skipped']} skipped "
+                  "(in batches with a non-finite loss)")
     log.close()
     return summary
+
+
+@contextlib.contextmanager
+def _private_matplotlib_cache():
+    """Matplotlib keeps a font cache in ``~/.cache``; a run writes nothing outside its directory unless
+    asked to (``MPLCONFIGDIR`` set by the user), so the cache lives in a temporary directory meanwhile."""
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxrm-matplotlib-") as directory:
+        os.environ["MPLCONFIGDIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["MPLCONFIGDIR"]
 
 
 class _Throughput:

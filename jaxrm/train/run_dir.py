@@ -46,9 +46,17 @@ def resolve_model_path(path: str) -> Path:
     )
 
 
+def checked_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory``; one that cannot pad a batch is a configuration error."""
+    try:
+        return load_tokenizer(directory)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def build_tokenizer(config: Config):
     if config.model.path is not None:
-        return load_tokenizer(resolve_model_path(config.model.path))
+        return checked_tokenizer(resolve_model_path(config.model.path))
     if config.data.train == SYNTHETIC:
         return synthetic_task(config.data).tokenizer()
     raise ConfigError("model.config without model.path needs the synthetic data source (data.train: synthetic), "
@@ -107,7 +115,7 @@ def is_run_dir(path: str | Path) -> bool:
 def rebuild_run_model(run_dir: Path) -> tuple[Config, RewardModel, object]:
     """The config, a freshly initialised model of the run's architecture, and its tokenizer."""
     config = load_config(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(run_dir / "model")
+    tokenizer = checked_tokenizer(run_dir / "model")
     hf_config = transformers.AutoConfig.from_pretrained(run_dir / "model")
     with nnx.use_eager_sharding(False):
         model = RewardModel.from_config(hf_config, rngs=nnx.Rngs(0), **model_options(config.model))
@@ -127,7 +135,7 @@ def load_reward_model(path: str | Path, *, checkpoint: str = "best"):
     if not is_run_dir(path):
         model_dir = resolve_model_path(str(path))
         with nnx.use_eager_sharding(False):
-            return RewardModel.from_pretrained(model_dir), load_tokenizer(model_dir), None
+            return RewardModel.from_pretrained(model_dir), checked_tokenizer(model_dir), None
     run_dir = Path(path)
     config, model, tokenizer = rebuild_run_model(run_dir)
     checkpointer = Checkpointer(run_dir / "checkpoints", asynchronous=False)

@@ -1,0 +1,419 @@
+"""Loss-function benchmark: every loss of `jaxrm.losses`, jit-compiled, next to PyTorch eager and a roofline.
+
+    jaxrm bench losses [--sizes 1e3 1e4 1e5 1e6 1e7] [--repeats 7] [--out benchmarks/results/losses]
+    python -m benchmarks.losses ...
+
+For each loss, each size N (pairs, or lists of K ∈ {4, 8} for the listwise losses) and each dtype
+(float32, bfloat16): the wall time of the forward pass (per-example losses, then their sum, so that
+nothing is left unevaluated) and of forward + backward (``value_and_grad`` of the sum with respect to
+every reward array, as in training). Next to them, in the same process:
+
+- PyTorch eager, written as TRL (``-logsigmoid(chosen - rejected - margin).mean()``) and OpenRLHF
+  (``PairWiseLoss``: the same; ``LogExpLoss``: ``log(1 + exp(rejected - chosen)).mean()``) write the
+  Bradley–Terry loss; skipped when torch is not installed;
+- a roofline: the memory bandwidth JAX reaches on this machine reading one large float32 array and
+  writing another (``y = 2x + 1``), measured in the same run (see :func:`measure_bandwidth`).
+
+Effective bytes are what a loss must move at the least: its inputs read once and its outputs (per
+example losses, or the gradients) written once. The fraction of the roofline is effective bytes/s
+divided by the measured bandwidth. Times are median / min / max over ``repeats`` after one warm-up.
+Results go to ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrm import losses
+
+DEFAULT_SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+LIST_SIZES = (4, 8)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: Largest number of elements one listwise case may build ([N, K, K] pair matrices): beyond it a case is
+#: skipped (and said so) rather than exhausting the memory of a shared machine.
+MAX_LISTWISE_PAIR_ELEMENTS = 8e8
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One timed function: which loss, implementation, pass, size and dtype, and the bytes it must move."""
+
+    loss: str
+    implementation: str
+    mode: str  # "fwd" or "fwd+bwd"
+    n: int
+    list_size: int | None
+    dtype: str
+    effective_bytes: int
+
+
+def timings(run: Callable[[], object], repeats: int) -> dict:
+    """Median / min / max seconds of ``run`` (which blocks until its result is ready), after one warm-up."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
+
+
+def measure_bandwidth(repeats: int) -> dict:
+    """Memory bandwidth of JAX on this machine, bytes/s of ``y = 2x + 1`` (one read, one write), best of
+    ``repeats``, two ways:
+
+    - ``in_place``: 256 MiB float32 with the input donated, so the output reuses its buffer: the
+      machine's streaming read + write bandwidth;
+    - ``fresh_output``: 10^7 float32 (40 MB, the size of one gradient of the largest pairwise case)
+      written to a new buffer on every call, as every jitted function returns its results. Buffers this
+      large are fresh pages from the OS each time, and first-touch page faults, not DRAM, bound the rate.
+    """
+    x = jnp.ones((64 * 2**20,), jnp.float32)
+    in_place = jax.jit(lambda v: v * 2.0 + 1.0, donate_argnums=0)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        x = in_place(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    fresh = jnp.ones((10_000_000,), jnp.float32)
+    scale = jax.jit(lambda v: v * 2.0 + 1.0)
+    result = timings(lambda: scale(fresh).block_until_ready(), repeats)
+    return {"in_place": 2 * x.nbytes / best, "fresh_output": 2 * fresh.nbytes / result["min_s"]}
+
+
+# --------------------------------------------------------------------------------------------
+# The jaxrm side: inputs and a call for every loss.
+
+
+def _pair_inputs(n: int, dtype, key: jax.Array) -> dict:
+    chosen_key, rejected_key, margin_key = jax.random.split(key, 3)
+    return {
+        "chosen": jax.random.normal(chosen_key, (n,), jnp.float32).astype(dtype),
+        "rejected": jax.random.normal(rejected_key, (n,), jnp.float32).astype(dtype),
+        "margin": jax.random.uniform(margin_key, (n,), jnp.float32),
+    }
+
+
+def _tie_inputs(n: int, dtype, key: jax.Array) -> dict:
+    a_key, b_key, outcome_key = jax.random.split(key, 3)
+    return {
+        "a": jax.random.normal(a_key, (n,), jnp.float32).astype(dtype),
+        "b": jax.random.normal(b_key, (n,), jnp.float32).astype(dtype),
+        "outcome": jax.random.randint(outcome_key, (n,), -1, 2, jnp.int32),
+    }
+
+
+def _list_inputs(n: int, list_size: int, dtype, key: jax.Array) -> dict:
+    rewards_key, ranks_key = jax.random.split(key)
+    ranks = jnp.argsort(jax.random.uniform(ranks_key, (n, list_size)), axis=-1).astype(jnp.int32)
+    return {
+        "rewards": jax.random.normal(rewards_key, (n, list_size), jnp.float32).astype(dtype),
+        "ranks": ranks,
+        "where": jnp.ones((n, list_size), bool).at[:, -1].set(jnp.arange(n) % 2 == 0),
+    }
+
+
+# name -> (kind, differentiable inputs, loss of the inputs dict). Every array an entry reads is in
+# its inputs dict, so the effective bytes are the inputs' bytes plus the outputs'.
+LOSSES: dict[str, tuple[str, tuple[str, ...], Callable[[dict], jax.Array]]] = {
+    "bradley_terry": ("pair", ("chosen", "rejected"),
+                      lambda x: losses.bradley_terry(x["chosen"], x["rejected"], margin=x["margin"])),
+    "hinge": ("pair", ("chosen", "rejected"), lambda x: losses.hinge(x["chosen"], x["rejected"], margin=x["margin"])),
+    "smoothed_bradley_terry": ("pair", ("chosen", "rejected"),
+                               lambda x: losses.smoothed_bradley_terry(x["chosen"], x["rejected"], 0.1,
+                                                                       margin=x["margin"])),
+    "focal_bradley_terry": ("pair", ("chosen", "rejected"),
+                            lambda x: losses.focal_bradley_terry(x["chosen"], x["rejected"], gamma=2.0,
+                                                                 margin=x["margin"])),
+    "rao_kupper": ("tie", ("a", "b"), lambda x: losses.rao_kupper(x["a"], x["b"], x["outcome"], 0.5)),
+    "davidson": ("tie", ("a", "b"), lambda x: losses.davidson(x["a"], x["b"], x["outcome"], 0.0)),
+    "all_pairs": ("list", ("rewards",), lambda x: losses.all_pairs(x["rewards"], x["ranks"], where=x["where"])),
+    "plackett_luce": ("list", ("rewards",),
+                      lambda x: losses.plackett_luce(x["rewards"], x["ranks"], where=x["where"])),
+    "centering": ("pair", ("chosen", "rejected"), lambda x: losses.centering(x["chosen"], x["rejected"])),
+    "l2": ("pair", ("chosen",), lambda x: losses.l2(x["chosen"])),
+    "preference_probability": ("pair", ("chosen", "rejected"),
+                               lambda x: losses.preference_probability(x["chosen"], x["rejected"])),
+}
+
+
+def _used_inputs(name: str, inputs: dict) -> dict:
+    """The arrays the loss actually reads (centering and l2 take no margin, l2 no rejected rewards)."""
+    if name == "centering" or name == "preference_probability":
+        return {k: inputs[k] for k in ("chosen", "rejected")}
+    if name == "l2":
+        return {"chosen": inputs["chosen"]}
+    return inputs
+
+
+def jax_functions(name: str) -> dict[str, Callable[[dict], object]]:
+    """The jit-compiled forward and forward+backward of loss ``name``, each taking the inputs dict."""
+    _, differentiable, loss = LOSSES[name]
+
+    def total(params, rest):
+        return jnp.sum(loss({**rest, **params}))
+
+    forward = jax.jit(lambda inputs: total({}, inputs))
+    grad = jax.jit(jax.value_and_grad(total))
+
+    def forward_backward(inputs):
+        params = {k: inputs[k] for k in differentiable}
+        rest = {k: v for k, v in inputs.items() if k not in differentiable}
+        return grad(params, rest)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def effective_bytes(name: str, inputs: dict, mode: str) -> int:
+    """Inputs read once; per-example losses (forward) or one gradient per differentiable input written once."""
+    read = sum(value.nbytes for value in inputs.values())
+    _, differentiable, _ = LOSSES[name]
+    if mode == "fwd":
+        return read  # the per-example losses are summed in the same fusion, never written
+    return read + sum(inputs[k].nbytes for k in differentiable)
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch side: the eager one-liners of TRL and OpenRLHF.
+
+
+def torch_functions() -> dict[str, Callable] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    functional = torch.nn.functional
+
+    def trl(chosen, rejected, margin):
+        # trl.RewardTrainer.compute_loss with a margin column; OpenRLHF's PairWiseLoss is the same formula.
+        return -functional.logsigmoid(chosen - rejected - margin).mean()
+
+    def openrlhf_log_exp(chosen, rejected, margin):
+        # OpenRLHF's LogExpLoss (no margin).
+        return torch.log(1 + torch.exp(rejected - chosen)).mean()
+
+    return {"torch eager (TRL / OpenRLHF PairWiseLoss)": trl, "torch eager (OpenRLHF LogExpLoss)": openrlhf_log_exp}
+
+
+def torch_runs(function, inputs: dict, dtype: str):
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    chosen = torch.from_numpy(np.asarray(inputs["chosen"].astype(jnp.float32))).to(torch_dtype)
+    rejected = torch.from_numpy(np.asarray(inputs["rejected"].astype(jnp.float32))).to(torch_dtype)
+    margin = torch.from_numpy(np.asarray(inputs["margin"]))
+
+    def forward():
+        with torch.no_grad():
+            return function(chosen, rejected, margin).item()
+
+    def forward_backward():
+        chosen_leaf = chosen.detach().requires_grad_()
+        rejected_leaf = rejected.detach().requires_grad_()
+        function(chosen_leaf, rejected_leaf, margin).backward()
+        return chosen_leaf.grad.sum().item()
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=tuple(LOSSES),
+        torch_threads: int = 2, log=print) -> dict:
+    """Measures everything; returns the JSON-ready result."""
+    rooflines = measure_bandwidth(repeats)
+    bandwidth = rooflines["fresh_output"]
+    log(f"roofline: {rooflines['in_place'] / 1e9:.1f} GB/s in place, {bandwidth / 1e9:.1f} GB/s to fresh "
+        f"buffers (y = 2x + 1, jax {jax.__version__})")
+    peers = torch_functions()
+    if peers is None:
+        log("torch is not installed: PyTorch columns skipped (pip install 'jaxrm[bench]')")
+    else:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    rows = []
+    key = jax.random.key(0)
+
+    def record(case: Case, result: dict):
+        rate = case.effective_bytes / result["median_s"]
+        row = {**dataclasses.asdict(case), **result, "bytes_per_s": rate, "fraction_of_roofline": rate / bandwidth,
+               "fraction_of_in_place_bandwidth": rate / rooflines["in_place"]}
+        rows.append(row)
+        log(f"{case.loss:<24} {case.implementation:<44} {case.mode:<8} N={case.n:<9}"
+            f"{'' if case.list_size is None else f' K={case.list_size}':<5} {case.dtype:<9}"
+            f"{result['median_s'] * 1e3:10.3f} ms  {rate / 1e9:7.2f} GB/s  {rate / bandwidth:6.1%}")
+
+    for name in loss_names:
+        kind = LOSSES[name][0]
+        functions = jax_functions(name)
+        for dtype in dtypes:
+            for n in sizes:
+                for list_size in (LIST_SIZES if kind == "list" else (None,)):
+                    if kind == "list" and n * list_size * list_size > MAX_LISTWISE_PAIR_ELEMENTS:
+                        log(f"{name} N={n} K={list_size}: skipped ({n * list_size**2:.0e} pair elements)")
+                        continue
+                    if kind == "pair":
+                        inputs = _pair_inputs(n, DTYPES[dtype], key)
+                    elif kind == "tie":
+                        inputs = _tie_inputs(n, DTYPES[dtype], key)
+                    else:
+                        inputs = _list_inputs(n, list_size, DTYPES[dtype], key)
+                    inputs = _used_inputs(name, inputs)
+                    for mode, function in functions.items():
+                        case = Case(name, "jaxrm (jit)", mode, n, list_size, dtype,
+                                    effective_bytes(name, inputs, mode))
+                        record(case, timings(lambda: jax.block_until_ready(function(inputs)), repeats))
+                    if name == "bradley_terry" and peers is not None:
+                        for implementation, peer in peers.items():
+                            for mode, peer_run in torch_runs(peer, inputs, dtype).items():
+                                case = Case(name, implementation, mode, n, None, dtype,
+                                            effective_bytes(name, inputs, mode))
+                                record(case, timings(peer_run, repeats))
+                    del inputs
+    return {
+        "machine": machine(),
+        "roofline_bytes_per_s": bandwidth,
+        "in_place_bandwidth_bytes_per_s": rooflines["in_place"],
+        "repeats": repeats,
+        "rows": rows,
+        "floors": floors(rows),
+    }
+
+
+def machine() -> dict:
+    info = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": len(jax.devices()),
+            "cpu_count": os.cpu_count(), "loadavg": Path("/proc/loadavg").read_text().split()[:3]
+            if Path("/proc/loadavg").exists() else None}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def floors(rows: list[dict]) -> dict:
+    """Issue 6's floors at the largest N measured: bradley_terry fwd+bwd (float32, with margin) reaches
+    ≥ 50 % of the roofline and is ≥ 5× PyTorch eager (TRL's formula)."""
+    selected = [r for r in rows if r["loss"] == "bradley_terry" and r["mode"] == "fwd+bwd" and r["dtype"] == "float32"]
+    if not selected:
+        return {}
+    n = max(r["n"] for r in selected)
+    ours = next(r for r in selected if r["n"] == n and r["implementation"] == "jaxrm (jit)")
+    result = {"n": n, "fraction_of_roofline": ours["fraction_of_roofline"],
+              "fraction_of_in_place_bandwidth": ours["fraction_of_in_place_bandwidth"],
+              "roofline_floor_met": ours["fraction_of_roofline"] >= 0.5}
+    trl = [r for r in selected if r["n"] == n and "TRL" in r["implementation"]]
+    if trl:
+        result["speedup_vs_torch"] = trl[0]["median_s"] / ours["median_s"]
+        result["torch_floor_met"] = result["speedup_vs_torch"] >= 5
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Roofline (JAX, y = 2x + 1): **{result['roofline_bytes_per_s'] / 1e9:.1f} GB/s** writing fresh "
+        f"40 MB buffers (as every jitted function returns results), "
+        f"{result['in_place_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s in place on 256 MiB (donated buffer); "
+        f"load average at the start {' '.join(result['machine']['loadavg'] or [])}. "
+        f"'of roofline' is against the first.",
+        "",
+        "| loss | implementation | pass | N | K | dtype | median ms | min ms | max ms | GB/s | of roofline |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['loss']} | {r['implementation']} | {r['mode']} | {r['n']:.0e} | {r['list_size'] or ''} | "
+            f"{r['dtype']} | {r['median_s'] * 1e3:.3f} | {r['min_s'] * 1e3:.3f} | {r['max_s'] * 1e3:.3f} | "
+            f"{r['bytes_per_s'] / 1e9:.2f} | {r['fraction_of_roofline']:.0%} |"
+        )
+    if result["floors"]:
+        f = result["floors"]
+        lines += ["", f"Floors at N = {f['n']:.0e} (bradley_terry with margin, float32, forward + backward): "
+                      f"{f['fraction_of_roofline']:.0%} of the roofline (floor 50 %: "
+                      f"{'met' if f['roofline_floor_met'] else 'NOT met'}; "
+                      f"{f['fraction_of_in_place_bandwidth']:.0%} of the in-place bandwidth)"
+                      + (f", {f['speedup_vs_torch']:.1f}× PyTorch eager (floor 5×: "
+                         f"{'met' if f['torch_floor_met'] else 'NOT met'})" if "speedup_vs_torch" in f else "")
+                      + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Time vs N, one line per implementation, for the pairwise losses' forward+backward in float32."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axis, dtype in zip(axes, DTYPES):
+        lines: dict[str, list] = {}
+        for r in result["rows"]:
+            if r["mode"] != "fwd+bwd" or r["dtype"] != dtype:
+                continue
+            label = r["loss"] if r["implementation"] == "jaxrm (jit)" else f"bradley_terry, {r['implementation']}"
+            if r["list_size"]:
+                label += f" K={r['list_size']}"
+            lines.setdefault(label, []).append((r["n"], r["median_s"]))
+        for label, points in sorted(lines.items()):
+            n, seconds = zip(*sorted(points))
+            axis.plot(n, seconds, marker="o", label=label, linestyle="--" if "torch" in label else "-")
+        sizes = sorted({r["n"] for r in result["rows"]})
+        pair_bytes = [20 * n for n in sizes]  # bradley_terry fwd+bwd: 3 float32 reads, 2 writes per pair
+        axis.plot(sizes, [b / result["roofline_bytes_per_s"] for b in pair_bytes], color="black", linewidth=2,
+                  label="roofline (bradley_terry bytes / measured bandwidth)")
+        axis.set(xscale="log", yscale="log", xlabel="N (pairs, or lists)", title=f"forward + backward, {dtype}")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("seconds (median)")
+    axes[1].legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=float, nargs="+", default=DEFAULT_SIZES, help="N, pairs or lists")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=tuple(DTYPES))
+    parser.add_argument("--losses", nargs="+", choices=tuple(LOSSES), default=tuple(LOSSES))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/losses"),
+                        help="output path without suffix: writes .json, .md and .png")
+
+
+def main(args: argparse.Namespace) -> dict:
+    result = run(sizes=tuple(int(n) for n in args.sizes), dtypes=tuple(args.dtypes), repeats=args.repeats,
+                 loss_names=tuple(args.losses), torch_threads=args.torch_threads)
+    write(result, args.out)
+    print(markdown(result).splitlines()[-1])
+    print(f"wrote {args.out}.json, .md, .png")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    main(parser.parse_args())
