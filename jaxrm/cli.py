@@ -5,6 +5,7 @@
     jaxrm score MODEL_OR_RUN[,…] --data FILE --out FILE.jsonl
     jaxrm margins estimate --model RUN_OR_MODEL[,…] --data IN --out OUT.jsonl [--max-margin M] [--scale S]
     jaxrm export RUN --out DIR
+    jaxrm bench losses|train|peers [options]
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
 
 
 def _commands() -> argparse.ArgumentParser:
@@ -53,9 +61,9 @@ def _commands() -> argparse.ArgumentParser:
     estimate.add_argument("--model", required=True, help="run or model directories, comma-separated for an ensemble")
     estimate.add_argument("--data", required=True, help="pairwise JSONL / Parquet / dataset to score")
     estimate.add_argument("--out", required=True, help="output JSONL: the records plus margin and margin_std")
-    estimate.add_argument("--max-margin", type=float, default=3.0,
+    estimate.add_argument("--max-margin", type=_non_negative, default=3.0,
                           help="clip margins to [0, MAX] (default 3, Llama 2's largest); 'inf' for no cap")
-    estimate.add_argument("--scale", type=float, default=1.0, help="margin = clip(scale · mean gap, 0, max)")
+    estimate.add_argument("--scale", type=_non_negative, default=1.0, help="margin = clip(scale · mean gap, 0, max)")
     estimate.add_argument("--max-length", type=int)
     estimate.add_argument("--batch-size", type=int)
     estimate.add_argument("--checkpoint", choices=("best", "latest"), default="best")
@@ -64,6 +72,10 @@ def _commands() -> argparse.ArgumentParser:
     export.add_argument("run", help="a run directory")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+
+    from jaxrm.bench import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -114,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             count = score_file(args.model, args.data, args.out, max_length=args.max_length,
                                batch_size=args.batch_size, checkpoint=args.checkpoint)
             print(f"wrote {count} scored records to {args.out}", file=sys.stderr)
+        elif args.command == "bench":
+            from jaxrm.bench import run
+
+            run(args.benchmark, args.options)
         elif args.command == "export":
             from jaxrm.inference import export_run
 

@@ -78,10 +78,18 @@ def load_examples(source: str, data_config, tokenizer, *, split: str = "train",
     return examples, report
 
 
-def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random split of ``examples`` into (train, held-out)."""
+def split_holdout(examples: list, report: DataReport, fraction: float, seed: int):
+    """A seeded random split into (train, held-out) examples, each with its own report."""
     order = np.random.default_rng(seed).permutation(len(examples))
     held = max(1, int(round(fraction * len(examples))))
-    held_out = sorted(order[:held].tolist())
-    train = sorted(order[held:].tolist())
-    return [examples[i] for i in train], [examples[i] for i in held_out]
+    held_out = [examples[i] for i in sorted(order[:held].tolist())]
+    train = [examples[i] for i in sorted(order[held:].tolist())]
+    return (train, held_out, _report_of(train, report.source, report.warnings),
+            _report_of(held_out, f"{report.source} (held-out {fraction:.0%})", []))
+
+
+def _report_of(examples: list, source: str, warnings: list[str]) -> DataReport:
+    identical = sum(all(np.array_equal(seq, example.sequences[0]) for seq in example.sequences[1:])
+                    for example in examples)
+    return DataReport(source=source, n_records=len(examples), n_truncated=sum(e.truncated for e in examples),
+                      n_identical_pairs=identical, warnings=list(warnings))

@@ -88,9 +88,8 @@ def prepare_data(config: Config, tokenizer):
     elif config.data.train == "synthetic":
         eval_examples, eval_report = load_examples("synthetic", config.data, tokenizer, split="eval")
     else:
-        train_examples, eval_examples = split_holdout(train_examples, config.data.eval_fraction, config.train.seed)
-        eval_report = dataclasses.replace(train_report, source=f"{config.data.train} (held-out "
-                                          f"{config.data.eval_fraction:.0%})", n_records=len(eval_examples))
+        train_examples, eval_examples, train_report, eval_report = split_holdout(
+            train_examples, train_report, config.data.eval_fraction, config.train.seed)
     train_examples = with_margins(train_examples, config)
     eval_examples = with_margins(eval_examples, config)
     check_data_fits_loss(train_examples, config)
