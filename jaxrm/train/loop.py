@@ -177,6 +177,7 @@ def train(config: Config) -> dict:
     )
     reward_step = jax.jit(make_reward_step(reward_fn), out_shardings=replicated(mesh))
     log = MetricsLog(run_dir, enabled=is_main)
+    log.forget_after(int(state.step))
     step = int(state.step)
     eval_metrics, eval_rewards, stopped_by = None, None, None
     # The data position that goes with ``state``: it moves on only when a step has completed.
@@ -192,7 +193,7 @@ def train(config: Config) -> dict:
                                      "train.learning_rate (or raise train.warmup_steps)")
         checkpointer.save(step, state, {"iterator": position, "skipped": dict(skipped)}, **options)
 
-    throughput = _Throughput()
+    window = _LogWindow()
 
     progress = _Progress(config, step)
     with _StopRequest() as stop, progress:
@@ -204,7 +205,7 @@ def train(config: Config) -> dict:
                 metrics = jax.device_get(metrics)
                 step += 1
                 position = batches.get_state()
-                throughput.add(local)
+                window.add(local, metrics)
                 if metrics["nonfinite"]:
                     sources = [train_examples[i].source for i in plan(data_position) if i >= 0]
                     message = (f"step {step}: non-finite loss or gradient (loss={metrics['loss']}) on batch "
@@ -220,8 +221,7 @@ def train(config: Config) -> dict:
                                                  "train.learning_rate")
                     _log(message + "; batch skipped")
                 if step % config.train.log_every == 0 or step == config.train.steps:
-                    logged = {**{k: float(v) for k, v in metrics.items()}, **throughput.rates(),
-                              "learning_rate": float(schedule(step))}
+                    logged = {**window.flush(), "learning_rate": float(schedule(step))}
                     log.write(step, "train", logged)
                     progress.report(step, logged)
                 progress.update(1)
@@ -264,7 +264,7 @@ def train(config: Config) -> dict:
         "resumed_from": resumed_from,
         "skipped_steps": skipped["steps"],
         "wall_time_s": time.perf_counter() - started,
-        **{f"train_{k}": v for k, v in throughput.rates().items()},
+        **{f"train_{k}": v for k, v in window.run_rates().items()},
         "data": {split: {**report.as_dict(), "skipped": skipped["records"] if split == "train" else 0}
                  for split, report in reports.items()},
         "output_dir": str(run_dir),
@@ -299,25 +299,47 @@ def _private_matplotlib_cache():
             del os.environ["MPLCONFIGDIR"]
 
 
-class _Throughput:
-    """Real examples and real (non-padding) tokens per second since the last call to :meth:`rates`."""
+class _LogWindow:
+    """Train metrics averaged over the steps since the last log line, with real examples and real
+    (non-padding) tokens per second; plus the run's steady-state rates (every step after the first,
+    which carries the compilation)."""
 
     def __init__(self):
-        self.examples = self.tokens = 0
+        self._reset()
+        self.run_examples = self.run_tokens = 0
+        self.run_since = None
+
+    def _reset(self):
+        self.sums, self.steps, self.examples, self.tokens = {}, 0, 0, 0
         self.since = time.perf_counter()
-        self.last = {"examples_per_s": 0.0, "tokens_per_s": 0.0}
 
-    def add(self, local_batch) -> None:
-        self.examples += int(local_batch.example_mask.sum()) * jax.process_count()
-        self.tokens += int(local_batch.attention_mask[local_batch.example_mask].sum()) * jax.process_count()
+    def add(self, local_batch, metrics: dict) -> None:
+        examples = int(local_batch.example_mask.sum()) * jax.process_count()
+        tokens = int(local_batch.attention_mask[local_batch.example_mask].sum()) * jax.process_count()
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+        self.examples += examples
+        self.tokens += tokens
+        if self.run_since is None:
+            self.run_since = time.perf_counter()
+        else:
+            self.run_examples += examples
+            self.run_tokens += tokens
 
-    def rates(self) -> dict:
+    def flush(self) -> dict:
         elapsed = time.perf_counter() - self.since
-        if self.examples:
-            self.last = {"examples_per_s": self.examples / elapsed, "tokens_per_s": self.tokens / elapsed}
-        self.examples = self.tokens = 0
-        self.since = time.perf_counter()
-        return dict(self.last)
+        means = {key: total / max(self.steps, 1) for key, total in self.sums.items()}
+        means["nonfinite"] = self.sums.get("nonfinite", 0.0)
+        means.update(examples_per_s=self.examples / elapsed, tokens_per_s=self.tokens / elapsed)
+        self._reset()
+        return means
+
+    def run_rates(self) -> dict:
+        elapsed = time.perf_counter() - self.run_since if self.run_since is not None else 0.0
+        if not self.run_examples or elapsed <= 0:
+            return {"examples_per_s": None, "tokens_per_s": None}
+        return {"examples_per_s": self.run_examples / elapsed, "tokens_per_s": self.run_tokens / elapsed}
 
 
 class _Progress:

@@ -29,6 +29,13 @@ class MetricsLog:
         for key, value in scalars.items():
             self._tensorboard.add_scalar(f"{split}/{key}", value, step)
 
+    def forget_after(self, step: int) -> None:
+        """Drops lines logged after ``step``: a resumed run redoes those steps from its checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def read(self, split: str) -> list[dict]:
         if not self.path.exists():
             return []
@@ -95,10 +102,14 @@ def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: 
 
 def summary_table(summary: dict) -> str:
     """A two-column text table of the scalar entries of ``summary``."""
-    rows = [(key, value) for key, value in summary.items() if isinstance(value, (int, float, str)) and value is not None]
+    rows = [(key, value) for key, value in summary.items() if isinstance(value, str)]
+    rows = list(flat_scalars(summary).items()) + rows
     width = max(len(key) for key, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for key, value in rows:
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            text = str(int(value)) if value.is_integer() else f"{value:.4f}"
+        else:
+            text = str(value)
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
