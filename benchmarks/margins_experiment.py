@@ -1,4 +1,4 @@
-"""What do margins do? Five margin sources × three seeds on synthetic preferences with a known true reward.
+"""What do margins do? Five margin sources and a control × three seeds on synthetic preferences with a known true reward.
 
     .venv/bin/python benchmarks/margins_experiment.py --out benchmarks/results/margins.md
 
@@ -13,7 +13,10 @@ quartiles. Every condition trains the same small Qwen3-style model from the same
 4. ``reference``: ``jaxrm margins estimate`` with the three ``none`` models as an ensemble writes a
    margin (mean reward gap, clipped to [0, 3]) into the training data; train on it with
    ``loss.margin=data``;
-5. ``confidence``: the online margin m = 1 · max(0, tanh(sg(Δ)/2)), warmed up over the first 20 % of steps.
+5. ``confidence``: the online margin m = 1 · max(0, tanh(sg(Δ)/2)), warmed up over the first 20 % of steps;
+6. ``constant 0.5`` (a control): the same margin for every pair, the mean of the small map over the
+   four equally common ratings. It carries no information about which pairs are strong, so what it
+   changes is what any margin does to the loss's saturation, not what the margin's source knows.
 
 It writes a Markdown table (mean ± std over seeds): accuracy overall and per rating bucket, Spearman
 with the true reward, ECE of σ(Δ), mean Δ and the share of pairs with Δ > 1.
@@ -50,6 +53,7 @@ CONDITIONS = {
     "rating large": {"loss.margin": "rating", "loss.rating_margins": "large"},
     "reference": {"loss.margin": "data"},
     "confidence": {"loss.margin": "confidence", "loss.margin_scale": 1.0},
+    "constant 0.5": {"loss.margin": "rating", "loss.rating_margins": "[0.5, 0.5, 0.5, 0.5]"},
 }
 
 
@@ -109,6 +113,18 @@ def value(summary: dict, key: str) -> float:
     return summary[key]
 
 
+def oracle_row(eval_path: Path) -> str:
+    """The true reward scored like a model: the ceiling that BT-sampled labels allow."""
+    from jaxrm.calibration import expected_calibration_error
+
+    records = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    gaps = np.array([record["true_rewards"][0] - record["true_rewards"][1] for record in records])
+    ratings = np.array([record["rating"] for record in records])
+    cells = [f"{np.mean(gaps > 0):.3f}"] + [f"{np.mean(gaps[ratings == level] > 0):.3f}" for level in RATING_LEVELS[::-1]]
+    cells += ["1", f"{expected_calibration_error(gaps):.3f}", f"{gaps.mean():.3f}", f"{np.mean(gaps > 1):.3f}", "–"]
+    return "| true reward (oracle) | " + " | ".join(cells) + " |"
+
+
 def table(results: dict[str, list[dict]]) -> str:
     header = "| margin | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -143,6 +159,7 @@ def main(argv=None) -> int:
         for name in ("none", "rating small", "rating large"):
             for seed in seeds:
                 results[name].append(run(work, name, seed, inits[seed], train_path, eval_path, args, CONDITIONS[name]))
+        oracle = oracle_row(eval_path)
         references = [str(work / f"none-seed{seed}") for seed in seeds]
         reference_path = work / "train-reference-margins.jsonl"
         estimate = estimate_margin_file(references, str(train_path), reference_path)
@@ -150,9 +167,10 @@ def main(argv=None) -> int:
         for seed in seeds:
             results["reference"].append(run(work, "reference", seed, inits[seed], reference_path, eval_path, args,
                                             CONDITIONS["reference"]))
-        for seed in seeds:
-            results["confidence"].append(run(work, "confidence", seed, inits[seed], train_path, eval_path, args,
-                                             CONDITIONS["confidence"]))
+        for name in ("confidence", "constant 0.5"):
+            for seed in seeds:
+                results[name].append(run(work, name, seed, inits[seed], train_path, eval_path, args, CONDITIONS[name]))
+        oracle = oracle_row(eval_path)
     elapsed = time.perf_counter() - started
 
     command = "python benchmarks/margins_experiment.py" + "".join(
@@ -175,6 +193,7 @@ def main(argv=None) -> int:
         f"{estimate['share_swapped']:.1%} of training pairs look swapped to the ensemble (margin 0).",
         "",
         table(results),
+        oracle,
         "",
     ])
     print(report)

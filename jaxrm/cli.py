@@ -103,11 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                 from jaxrm.train.metrics_log import summary_table
 
                 print(summary_table(metrics))
-                for group, values in metrics.items():
-                    if isinstance(values, dict):
-                        for name, value in values.items():
-                            text = f"{value:.4f}" if isinstance(value, float) else value
-                            print(f"{group} [{name}]: {text}")
             if args.plots:
                 print(f"wrote reliability.png and rewards.png to {args.plots}", file=sys.stderr)
         elif args.command == "margins":

@@ -23,6 +23,8 @@ turns rewards into the report. Over every ordered pair (w better than l) of ever
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -154,7 +156,10 @@ def preference_metrics(rewards: np.ndarray, examples: Sequence[TokenizedExample]
         "reward_std": float(real.std()),
     }
     if loss_config is not None:
-        metrics["loss"] = float(np.mean(np.asarray(example_losses(filled, batch, loss_config))))
+        # The plain loss of the run's loss family: training-time margins are a training device, and
+        # the data's own margins are reported through ``accuracy_by_margin`` instead.
+        unmargined = dataclasses.replace(batch, margin=np.zeros_like(batch.margin))
+        metrics["loss"] = float(np.mean(np.asarray(example_losses(filled, unmargined, loss_config))))
     pairs = ordered_pairs(filled, examples)
     gaps = pairs["gap"]
     if np.any(batch.rating >= 0):

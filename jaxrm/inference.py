@@ -8,6 +8,7 @@ local device. Each member reads the data with its own tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,18 +23,22 @@ from jaxrm.data.sources import load_examples
 from jaxrm.ensemble import combine_rewards, member_disagreement
 from jaxrm.evaluate import ordered_pairs, preference_metrics, score_examples, write_evaluation_plots
 from jaxrm.margins import reference_margins
-from jaxrm.train.config import Config, DataConfig, LossConfig
+from jaxrm.train.config import Config, DataConfig, LossConfig, MeshConfig
 from jaxrm.train.mesh import make_mesh, replicated
-from jaxrm.train.config import MeshConfig
 from jaxrm.train.run_dir import load_reward_model
 from jaxrm.train.step import make_reward_step, split_model
 
 
-def _scoring_setup(model_or_run, *, max_length, batch_size, checkpoint):
+def score_model(model_or_run, data: str, *, max_length=None, batch_size=None, checkpoint="best"):
+    """One model's rewards on ``data``: ``(rewards [N, K], examples, config, report)``.
+
+    ``config`` is the run's :class:`Config` (``None`` for a Hugging Face directory); the run's data
+    settings (max length, truncation) apply unless ``max_length`` overrides them.
+    """
     model, tokenizer, config = load_reward_model(model_or_run, checkpoint=checkpoint)
     data_config = config.data if config is not None else DataConfig()
     if max_length is not None:
-        data_config = _replace(data_config, max_length=max_length)
+        data_config = dataclasses.replace(data_config, max_length=max_length, buckets=None)
     devices = jax.device_count()
     batch_size = batch_size or (config.train.batch_size if config is not None else 16)
     batch_size = -(-batch_size // devices) * devices
@@ -41,14 +46,11 @@ def _scoring_setup(model_or_run, *, max_length, batch_size, checkpoint):
     reward_fn, params = split_model(model)
     params = jax.device_put(params, replicated(mesh))
     reward_step = jax.jit(make_reward_step(reward_fn), out_shardings=replicated(mesh))
-    buckets = default_buckets(data_config.max_length)
-    return config, tokenizer, data_config, batch_size, mesh, params, reward_step, buckets
-
-
-def _replace(data_config: DataConfig, **changes) -> DataConfig:
-    import dataclasses
-
-    return dataclasses.replace(data_config, buckets=None, **changes)
+    examples, report = load_examples(data, data_config, tokenizer, split="eval")
+    rewards = score_examples(reward_step, params, examples, batch_size=batch_size,
+                             buckets=data_config.buckets or default_buckets(data_config.max_length),
+                             pad_id=tokenizer.pad_token_id, mesh=mesh)
+    return rewards, examples, config, report
 
 
 def model_list(models: str | Path | Sequence[str | Path]) -> list[str]:
@@ -69,14 +71,12 @@ def score_members(models, data: str, *, max_length=None, batch_size=None, checkp
     """
     member_rewards, configs, examples, report = [], [], None, None
     for model in model_list(models):
-        config, tokenizer, data_config, size, mesh, params, reward_step, buckets = _scoring_setup(
-            model, max_length=max_length, batch_size=batch_size, checkpoint=checkpoint)
-        member_examples, member_report = load_examples(data, data_config, tokenizer, split="eval")
+        rewards, member_examples, config, member_report = score_model(
+            model, data, max_length=max_length, batch_size=batch_size, checkpoint=checkpoint)
         if examples is not None and len(member_examples) != len(examples):
             raise DataError(f"{data}: {model} read {len(member_examples)} records but {model_list(models)[0]} read "
                             f"{len(examples)}")
-        member_rewards.append(score_examples(reward_step, params, member_examples, batch_size=size,
-                                             buckets=buckets, pad_id=tokenizer.pad_token_id, mesh=mesh))
+        member_rewards.append(rewards)
         configs.append(config)
         if examples is None:
             examples, report = member_examples, member_report
@@ -97,12 +97,12 @@ def evaluate_model(model_or_run, data: str, *, max_length=None, batch_size=None,
     """
     member_rewards, examples, configs, report = score_members(
         model_or_run, data, max_length=max_length, batch_size=batch_size, checkpoint=checkpoint)
-    rewards = combine_rewards(member_rewards, ensemble, penalty=uncertainty_penalty) if len(member_rewards) > 1 \
-        else member_rewards[0]
+    several = len(member_rewards) > 1
+    rewards = combine_rewards(member_rewards, ensemble, penalty=uncertainty_penalty) if several else member_rewards[0]
     loss_config = configs[0].loss if isinstance(configs[0], Config) else LossConfig()
-    metrics = preference_metrics(rewards, examples, _eval_loss(loss_config), sections=sections)
+    metrics = preference_metrics(rewards, examples, loss_config, sections=sections)
     metrics["n_truncated"] = report.n_truncated
-    if len(member_rewards) > 1:
+    if several:
         spread = member_disagreement(member_rewards)
         metrics["ensemble"] = {
             "method": ensemble,
@@ -115,13 +115,6 @@ def evaluate_model(model_or_run, data: str, *, max_length=None, batch_size=None,
     if plots_dir is not None:
         write_evaluation_plots(rewards, examples, plots_dir, title=Path(data).name)
     return metrics
-
-
-def _eval_loss(loss_config: LossConfig) -> LossConfig:
-    """Evaluation reports the plain loss of the run's loss family, without training-time margins."""
-    import dataclasses
-
-    return dataclasses.replace(loss_config, margin="none", centering=0.0, l2=0.0)
 
 
 def score_file(model_or_run, data: str, out: str | Path, *, max_length=None, batch_size=None,

@@ -166,6 +166,8 @@ def reference_margins(member_gaps: np.ndarray, *, scale: float = 1.0,
     std says how much the references disagree (large std: an ambiguous or mislabelled pair). With one
     model the std is 0. ``max_margin=None`` leaves the top open.
     """
+    if not (np.isfinite(scale) and scale >= 0) or (max_margin is not None and not max_margin >= 0):
+        raise ValueError(f"need a finite scale >= 0 and max_margin >= 0 (or None), got {scale} and {max_margin}")
     member_gaps = np.asarray(member_gaps, np.float64)
     if member_gaps.ndim != 2 or member_gaps.shape[0] < 1:
         raise ValueError(f"member_gaps must be [models, pairs], got shape {member_gaps.shape}")

@@ -91,7 +91,6 @@ def prepare_data(config: Config, tokenizer):
         train_examples, eval_examples, train_report, eval_report = split_holdout(
             train_examples, train_report, config.data.eval_fraction, config.train.seed)
     train_examples = with_margins(train_examples, config)
-    eval_examples = with_margins(eval_examples, config)
     check_data_fits_loss(train_examples, config)
     return train_examples, eval_examples, {"train": train_report, "eval": eval_report}
 

@@ -12,7 +12,7 @@ The pairwise margin is the batch's own (resolved on the host from ``loss.margin`
 current rewards, detached and ramped in by ``state.step``.
 With gradient accumulation the batch is cut into micro-batches whose gradients are summed, each
 already divided by the N of the whole batch, so accumulation changes memory, never the result.
-A non-finite loss or gradient leaves parameters and optimizer state untouched and is reported in
+A non-finite loss, gradient or update leaves parameters and optimizer state untouched and is reported in
 the metrics (``nonfinite``); the loop decides whether to stop or go on.
 """
 
@@ -159,9 +159,10 @@ def make_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransfor
             rewards = rewards.swapaxes(0, 1).reshape(-1, *rewards.shape[2:])
             margins = margins.swapaxes(0, 1).reshape(-1)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # An update can overflow even from a finite gradient (a huge learning rate): check it too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
         stats = pair_statistics(rewards, batch.ranks, batch.slot_mask, batch.example_mask)
