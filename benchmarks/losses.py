@@ -210,9 +210,9 @@ def torch_runs(function, inputs: dict, dtype: str):
     import torch
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    chosen = torch.from_numpy(np.asarray(inputs["chosen"].astype(jnp.float32))).to(torch_dtype)
-    rejected = torch.from_numpy(np.asarray(inputs["rejected"].astype(jnp.float32))).to(torch_dtype)
-    margin = torch.from_numpy(np.asarray(inputs["margin"]))
+    chosen = torch.from_numpy(np.array(inputs["chosen"].astype(jnp.float32))).to(torch_dtype)
+    rejected = torch.from_numpy(np.array(inputs["rejected"].astype(jnp.float32))).to(torch_dtype)
+    margin = torch.from_numpy(np.array(inputs["margin"]))
 
     def forward():
         with torch.no_grad():

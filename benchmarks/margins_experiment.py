@@ -1,6 +1,6 @@
 """What do margins do? Five margin sources and a control × three seeds on synthetic preferences with a known true reward.
 
-    .venv/bin/python benchmarks/margins_experiment.py --out benchmarks/results/margins.md
+    .venv/bin/python benchmarks/margins_experiment.py --out benchmarks/RESULTS.md
 
 The data is :class:`jaxrm.data.synthetic.SyntheticTask` pairs: labels are Bradley–Terry draws on the
 true rewards, and each pair carries a Llama 2 rating that buckets its true gap |r₁ − r₂| into
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         (("--seeds", "seeds"), ("--steps", "steps"), ("--n-train", "n_train"), ("--n-eval", "n_eval"))
     ) + (f" --out {args.out}" if args.out else "")
     report = "\n".join([
-        "## Margins: where the m in −log σ(r_w − r_l − m) comes from",
+        HEADING,
         "",
         f"Command: `{command}` ({elapsed / 60:.1f} min on {platform.machine()}, CPU).",
         "",
@@ -198,9 +198,25 @@ def main(argv=None) -> int:
     ])
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        write_section(args.out, report)
     return 0
+
+
+HEADING = "## Margins experiment (`benchmarks/margins_experiment.py`): where the m in −log σ(r_w − r_l − m) comes from"
+
+
+def write_section(path: Path, report: str) -> None:
+    """Puts ``report`` into ``path`` in place of its previous margins section (appended if none);
+    the other sections and the hand-written reading after the table are the file's own."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(HEADING)
+    if start < 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.rstrip() + ("\n\n" if text else "") + report)
+        return
+    table_end = text.find("\n\n", text.find("| true reward (oracle)", start))
+    end = len(text) if table_end < 0 else table_end
+    path.write_text(text[:start] + report.rstrip() + text[end:])
 
 
 if __name__ == "__main__":

@@ -165,12 +165,15 @@ class SelfAttention(nnx.Module):
         self.num_heads = spec.num_heads
         self.head_dim = spec.head_dim
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+        """Attention of ``queries`` [B, Q, H] (default: every position of ``x``) over ``x`` [B, T, H]."""
+        queries = x if queries is None else queries
         batch, length, hidden = x.shape
-        heads = (batch, length, self.num_heads, self.head_dim)
-        query, key, value = (projection(x).reshape(heads) for projection in (self.query, self.key, self.value))
+        query = self.query(queries).reshape(batch, queries.shape[1], self.num_heads, self.head_dim)
+        key, value = (projection(x).reshape(batch, length, self.num_heads, self.head_dim)
+                      for projection in (self.key, self.value))
         attended = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=self.head_dim**-0.5)
-        return self.output(attended.reshape(batch, length, hidden))
+        return self.output(attended.reshape(batch, queries.shape[1], hidden))
 
 
 class EncoderLayer(nnx.Module):
@@ -184,13 +187,15 @@ class EncoderLayer(nnx.Module):
         self.output_norm = LayerNorm(spec.hidden_size, **norm)
         self.activation = _ACTIVATIONS[spec.hidden_act]
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = self.attention_norm(x + self.attention(x, mask))
+    def __call__(self, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+        """The layer's output at every position of ``x``, or only at the rows ``queries`` [B, Q, H] of it."""
+        queries = x if queries is None else queries
+        x = self.attention_norm(queries + self.attention(x, mask, queries))
         return self.output_norm(x + self.output(self.activation(self.intermediate(x))))
 
 
-def _run_layer(layer: EncoderLayer, x: jax.Array, mask: jax.Array) -> jax.Array:
-    return layer(x, mask)
+def _run_layer(layer: EncoderLayer, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+    return layer(x, mask, queries)
 
 
 class BertBackbone(nnx.Module):
@@ -223,8 +228,17 @@ class BertBackbone(nnx.Module):
             [EncoderLayer(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(spec.num_layers)]
         )
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H]."""
+    #: `__call__` takes ``positions``: the reward model asks for its pooled rows only.
+    selects_positions = True
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
+
+        With ``positions`` (int [B]), returns only the hidden state at ``positions[b]`` of each row, [B, H]:
+        the last layer then computes its queries, attention output and feed-forward block for that one
+        row instead of all T (a reward model reads one pooled token; this is ~1/6 of MiniLM's compute).
+        """
         input_ids = jnp.asarray(input_ids)
         token_mask = jnp.asarray(attention_mask).astype(bool)
         if input_ids.shape[-1] > self.spec.max_position_embeddings:
@@ -234,13 +248,18 @@ class BertBackbone(nnx.Module):
             )
         # Real tokens count from 0 whatever the padding side; pad tokens keep their index, which is what
         # transformers gives every token, so right-padded batches match it at pad positions as well.
-        positions = jnp.where(token_mask, jnp.cumsum(token_mask, axis=-1) - 1, jnp.arange(input_ids.shape[-1]))
+        position_ids = jnp.where(token_mask, jnp.cumsum(token_mask, axis=-1) - 1, jnp.arange(input_ids.shape[-1]))
         # Every query attends to all real keys (transformers' padding mask); a row with no real token
         # falls back to uniform attention, which stays finite.
         mask = token_mask[:, None, None, :]
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
-        hidden = self.embeddings(input_ids, positions)
-        for layer in self.layers:
+        hidden = self.embeddings(input_ids, position_ids)
+        if positions is None:
+            for layer in self.layers:
+                hidden = run_layer(layer, hidden, mask)
+            return hidden
+        for layer in self.layers[:-1]:
             hidden = run_layer(layer, hidden, mask)
-        return hidden
+        selected = jnp.take_along_axis(hidden, positions[:, None, None], axis=1)
+        return run_layer(self.layers[-1], hidden, mask, selected)[:, 0]

@@ -64,15 +64,19 @@ def _logical_axes(*names: str | None) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
-def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
-    """The hidden state [B, H] at each row's last (``"last"``) or first (``"first"``) position where the mask is 1."""
+def pooled_positions(attention_mask: jax.Array, pooling: str) -> jax.Array:
+    """Each row's last (``"last"``) or first (``"first"``) position where the mask is 1, int [B]."""
     mask = jnp.asarray(attention_mask).astype(bool)
     if pooling == "last":
-        index = mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-    elif pooling == "first":
-        index = jnp.argmax(mask, axis=-1)
-    else:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        return mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+    if pooling == "first":
+        return jnp.argmax(mask, axis=-1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
+    """The hidden state [B, H] at each row's last (``"last"``) or first (``"first"``) position where the mask is 1."""
+    index = pooled_positions(attention_mask, pooling)
     return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
 
 
@@ -238,8 +242,12 @@ class RewardModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Rewards [B] (or [B, num_objectives] when num_objectives > 1), float32, for token ids and mask [B, T]."""
-        hidden = self.backbone(input_ids, attention_mask)
-        rewards = self.head(pool(hidden, attention_mask, self.pooling))
+        if getattr(self.backbone, "selects_positions", False):
+            # Only the pooled row is computed in the last layer: the same rewards, less work.
+            pooled = self.backbone(input_ids, attention_mask, pooled_positions(attention_mask, self.pooling))
+        else:
+            pooled = pool(self.backbone(input_ids, attention_mask), attention_mask, self.pooling)
+        rewards = self.head(pooled)
         return rewards[:, 0] if self.num_objectives == 1 else rewards
 
     @classmethod

