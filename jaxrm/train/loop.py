@@ -24,17 +24,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxrm.data.batching import default_buckets
 from jaxrm.data.pipeline import training_batches
 from jaxrm.data.sources import load_examples, split_holdout
-from jaxrm.evaluate import preference_metrics, score_examples
+from jaxrm.evaluate import preference_metrics, score_examples, write_evaluation_plots
 from jaxrm.margins import example_margins
 from jaxrm.train.checkpoint import Checkpointer, abstract_like
 from jaxrm.train.config import Config, ConfigError, save_config
 from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, make_mesh, on_mesh, replicated, state_shardings
-from jaxrm.train.metrics_log import MetricsLog, plot_run, summary_table
+from jaxrm.train.metrics_log import MetricsLog, plot_loss, summary_table
 from jaxrm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxrm.train.run_dir import build_model, build_tokenizer, save_model_spec
 from jaxrm.train.step import TrainState, loss_kind, make_reward_step, make_train_step, split_model
@@ -270,10 +269,9 @@ def train(config: Config) -> dict:
     }
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        ranks = np.stack([np.pad(e.ranks, (0, eval_rewards.shape[1] - len(e.ranks)), constant_values=10**6)
-                          for e in eval_examples])
         with _private_matplotlib_cache():
-            plot_run(run_dir, log, np.nan_to_num(eval_rewards), ranks)
+            plot_loss(run_dir, log)
+            write_evaluation_plots(eval_rewards, eval_examples, run_dir / "plots")
         print(summary_table({k: v for k, v in summary.items() if k != "data"}))
         for split, counts in summary["data"].items():
             print(f"{split} data: {counts['records']} records from {counts['source']}, {counts['truncated']} "

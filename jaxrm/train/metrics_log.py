@@ -1,4 +1,4 @@
-"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard events, PNG plots and a summary table."""
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard events, the loss plot and a summary table."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def flat_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
     return scalars
 
 
-def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: np.ndarray | None) -> list[Path]:
-    """``plots/loss.png`` (train and eval loss by step) and ``plots/rewards.png`` (chosen vs rejected)."""
+def plot_loss(run_dir: Path, log: MetricsLog) -> Path:
+    """``plots/loss.png``: train and eval loss by step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +67,6 @@ def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: 
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    written = []
     figure, axis = plt.subplots(figsize=(6, 4))
     for split in ("train", "eval"):
         points = [(line["step"], line["loss"]) for line in log.read(split) if "loss" in line]
@@ -81,23 +80,7 @@ def plot_run(run_dir: Path, log: MetricsLog, rewards: np.ndarray | None, ranks: 
     figure.tight_layout()
     figure.savefig(plots / "loss.png", dpi=100)
     plt.close(figure)
-    written.append(plots / "loss.png")
-    if rewards is not None and len(rewards):
-        best = np.take_along_axis(rewards, np.argmin(ranks, axis=1)[:, None], 1)[:, 0]
-        worst = np.take_along_axis(rewards, np.argmax(ranks, axis=1)[:, None], 1)[:, 0]
-        figure, axis = plt.subplots(figsize=(6, 4))
-        bins = np.histogram_bin_edges(np.concatenate([best, worst]), bins=40)
-        axis.hist(best, bins=bins, alpha=0.6, label="chosen")
-        axis.hist(worst, bins=bins, alpha=0.6, label="rejected")
-        axis.set_xlabel("reward")
-        axis.set_ylabel("count")
-        axis.set_title("held-out rewards: chosen vs rejected")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(plots / "rewards.png", dpi=100)
-        plt.close(figure)
-        written.append(plots / "rewards.png")
-    return written
+    return plots / "loss.png"
 
 
 def summary_table(summary: dict) -> str:

@@ -7,7 +7,7 @@ Layout (everything a later ``jaxrm eval/score/export RUN`` needs to rebuild the 
     RUN/checkpoints/       Orbax checkpoints (train state + data position)
     RUN/metrics.jsonl      one line per logged train step and per evaluation
     RUN/tensorboard/       TensorBoard events
-    RUN/plots/*.png        loss curve, chosen vs rejected reward histograms
+    RUN/plots/*.png        loss curve, held-out chosen vs rejected rewards, reliability diagram
     RUN/summary.json       the final evaluation and data report
 """
 
