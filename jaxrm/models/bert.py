@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
+from jaxrm.models.layers import Dense, attention
+
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"
 
@@ -113,17 +115,9 @@ class LayerNorm(nnx.Module):
         return normed * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
-def _linear(in_features, out_features, axes, *, spec, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(
-        in_features,
-        out_features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(spec.initializer_range),
-        kernel_metadata=_logical_axes(*axes),
-        bias_metadata=_logical_axes(axes[-1]),
-        rngs=rngs,
-    )
+def _linear(in_features, out_features, axes, *, spec, dtype, param_dtype, rngs) -> Dense:
+    return Dense(in_features, out_features, axes, dtype=dtype, param_dtype=param_dtype,
+                 init_scale=spec.initializer_range, rngs=rngs)
 
 
 def _embed(count, spec, axes, *, param_dtype, rngs) -> nnx.Embed:
@@ -164,6 +158,7 @@ class SelfAttention(nnx.Module):
         self.output = _linear(spec.hidden_size, spec.hidden_size, ("heads", "embed"), **common)
         self.num_heads = spec.num_heads
         self.head_dim = spec.head_dim
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
         """Attention of ``queries`` [B, Q, H] (default: every position of ``x``) over ``x`` [B, T, H]."""
@@ -172,7 +167,7 @@ class SelfAttention(nnx.Module):
         query = self.query(queries).reshape(batch, queries.shape[1], self.num_heads, self.head_dim)
         key, value = (projection(x).reshape(batch, length, self.num_heads, self.head_dim)
                       for projection in (self.key, self.value))
-        attended = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=self.head_dim**-0.5)
+        attended = attention(query, key, value, mask, scale=self.head_dim**-0.5, dtype=self.dtype)
         return self.output(attended.reshape(batch, queries.shape[1], hidden))
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import transformers
 from flax import nnx
 
+from jaxrm.models.layers import Dense, attention
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_POOLING = "last"
 
@@ -168,18 +170,9 @@ class RMSNorm(nnx.Module):
         return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def _linear(in_features, out_features, axes, *, bias, spec, dtype, param_dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(spec.initializer_range),
-        kernel_metadata=_logical_axes(*axes),
-        bias_metadata=_logical_axes(axes[-1]),
-        rngs=rngs,
-    )
+def _linear(in_features, out_features, axes, *, bias, spec, dtype, param_dtype, rngs) -> Dense:
+    return Dense(in_features, out_features, axes, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                 init_scale=spec.initializer_range, rngs=rngs)
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -205,6 +198,7 @@ class Attention(nnx.Module):
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         batch, length, _ = x.shape
@@ -215,7 +209,7 @@ class Attention(nnx.Module):
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         # Query head h reads key/value head h // (num_heads // num_kv_heads), as transformers' repeat_kv.
-        attended = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=self.head_dim**-0.5)
+        attended = attention(query, key, value, mask, scale=self.head_dim**-0.5, dtype=self.dtype)
         return self.o_proj(attended.reshape(batch, length, self.num_heads * self.head_dim))
 
 

@@ -1,0 +1,170 @@
+"""Building blocks shared by the backbones: a dense layer and attention in mixed precision.
+
+Both take a compute ``dtype``. In float32 they are the textbook operations. In a lower precision
+(bfloat16, float16) every matrix product -- forward and both backward products -- multiplies operands
+in ``dtype`` and accumulates and returns float32:
+
+    y = dot(x.astype(dtype), W.astype(dtype))              (float32 accumulation and result)
+    dx = dot(dy.astype(dtype), W.astype(dtype)ᵀ)           dW = dot(x.astype(dtype)ᵀ, dy.astype(dtype))
+
+This is what PyTorch autocast and TPU matrix units do, and it is what makes bfloat16 fast on CPUs with
+bfloat16 dot-product instructions (AVX512-BF16, AMX): XLA's ``bf16 × bf16 → f32`` products run at about
+twice the float32 rate there, while ``bf16 × bf16 → bf16`` products do not. Left to itself, JAX's
+transpose of a mixed-precision product would run the backward products in float32, hence the
+`jax.custom_vjp` here. Parameter gradients are accumulated in float32 and returned in the parameter
+dtype; everything outside the products (norms, activations, softmax statistics) stays float32.
+
+Attention saves its softmax probabilities P for the backward pass and uses the identity
+rowsum(dP ⊙ P) = rowsum(dO ⊙ O) (Dao et al., 2022), so the backward reads P once and never forms the
+softmax Jacobian:
+
+    S = scale · Q Kᵀ + bias          P = softmax(S)          O = P V
+    dV = Pᵀ dO    dP = dO Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = scale · dS K    dK = scale · dSᵀ Q
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> x, w = jnp.ones((2, 3)), jnp.full((3, 4), 0.5)
+    >>> matmul(x, w, jnp.bfloat16)
+    Array([[1.5, 1.5, 1.5, 1.5],
+           [1.5, 1.5, 1.5, 1.5]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+#: Added to the scores of masked keys. Finite, so a query with no allowed key attends uniformly.
+MASKED_SCORE = -1e30
+
+
+def _accumulate(lhs: jax.Array, rhs: jax.Array, contracting: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
+    return jax.lax.dot_general(lhs, rhs, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _is_float32(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.float32
+
+
+def matmul(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` with operands in ``dtype``; returns float32 [..., out]."""
+    if _is_float32(dtype):
+        return _accumulate(x.astype(jnp.float32), kernel.astype(jnp.float32), ((x.ndim - 1,), (0,)))
+    return _mixed_matmul(x.astype(dtype), kernel, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    return _accumulate(x, kernel.astype(dtype), ((x.ndim - 1,), (0,)))
+
+
+def _mixed_matmul_forward(x, kernel, dtype):
+    return _mixed_matmul(x, kernel, dtype), (x, kernel)
+
+
+def _mixed_matmul_backward(dtype, residuals, output_grad):
+    x, kernel = residuals
+    output_grad = output_grad.astype(dtype)
+    x_grad = _accumulate(output_grad, kernel.astype(dtype), ((output_grad.ndim - 1,), (1,)))
+    leading = tuple(range(x.ndim - 1))
+    kernel_grad = _accumulate(x, output_grad, (leading, leading))
+    return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_forward, _mixed_matmul_backward)
+
+
+class Dense(nnx.Module):
+    """``y = x W + b`` with ``W`` [in, out] (``kernel``) and ``b`` [out] (``bias``), computed by `matmul`.
+
+    Returns ``out_dtype`` (default float32, the accumulation dtype).
+
+    Args:
+      in_features, out_features: sizes of the last axis of the input and the output.
+      axes: logical axis names of the kernel (the bias takes the last one).
+      use_bias: whether there is a bias.
+      dtype: compute dtype of the product's operands.
+      param_dtype: dtype the parameters are stored in.
+      init_scale: standard deviation of the normal kernel initialisation (the bias starts at zero).
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_scale: float = 0.02,
+                 rngs: nnx.Rngs):
+        metadata = lambda *names: {"out_sharding": names, "eager_sharding": False}  # noqa: E731
+        kernel = init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
+        self.kernel = nnx.Param(kernel, **metadata(*axes))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), **metadata(axes[-1])) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = matmul(x, self.kernel[...], self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *, scale: float,
+              dtype=jnp.float32) -> jax.Array:
+    """Softmax attention of ``query`` [B, T, N, D] over ``key``/``value`` [B, S, K, D]; returns float32 [B, T, N, D].
+
+    ``N`` is a multiple of ``K`` (grouped-query attention: query head ``h`` reads key/value head
+    ``h // (N // K)``). ``mask`` is boolean, broadcastable to [B, N, T, S], True where a query may read a
+    key; a query with no allowed key attends uniformly. Products run in ``dtype`` with float32
+    accumulation; the softmax is float32. Same result as ``jax.nn.dot_product_attention``.
+    """
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = heads // kv_heads
+    if groups * kv_heads != heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads.")
+    mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (batch, 1, 1, key.shape[1])))
+    bias = jnp.where(mask, 0.0, MASKED_SCORE).astype(jnp.float32)
+    if bias.shape[1] == heads:
+        bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
+    else:
+        bias = bias[:, :, None]  # [B, 1, 1, T|1, S]
+    grouped = query.reshape(batch, length, kv_heads, groups, head_dim).astype(dtype)
+    out = _grouped_attention(grouped, key.astype(dtype), value.astype(dtype), bias, scale, jnp.dtype(dtype))
+    return out.reshape(batch, length, heads, head_dim)
+
+
+# Index letters: b batch, t query, s key, k key/value head, g query head within the group, d head dim.
+def _probabilities(query, key, bias, scale):
+    scores = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32) * scale + bias
+    scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def _attend(probabilities, value, dtype):
+    return jnp.einsum("bkgts,bskd->btkgd", probabilities.astype(dtype), value, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_attention(query, key, value, bias, scale, dtype):
+    return _attend(_probabilities(query, key, bias, scale), value, dtype)
+
+
+def _grouped_attention_forward(query, key, value, bias, scale, dtype):
+    probabilities = _probabilities(query, key, bias, scale).astype(dtype)
+    out = _attend(probabilities, value, dtype)
+    return out, (query, key, value, probabilities, out)
+
+
+def _grouped_attention_backward(scale, dtype, residuals, out_grad):
+    query, key, value, probabilities, out = residuals
+    einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    value_grad = einsum("bkgts,btkgd->bskd", probabilities, out_grad.astype(dtype))
+    probabilities_grad = einsum("btkgd,bskd->bkgts", out_grad.astype(dtype), value)
+    # Kept out of the fusion with the product below: fused, XLA:CPU recomputes the reduction per tile.
+    row_dot = jax.lax.optimization_barrier(jnp.einsum("btkgd,btkgd->bkgt", out_grad, out)[..., None])
+    scores_grad = (probabilities.astype(jnp.float32) * (probabilities_grad - row_dot) * scale).astype(dtype)
+    query_grad = einsum("bkgts,bskd->btkgd", scores_grad, key)
+    key_grad = einsum("bkgts,btkgd->bskd", scores_grad, query)
+    return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
+
+
+_grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
+
