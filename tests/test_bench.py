@@ -45,11 +45,11 @@ def test_every_loss_has_a_benchmark_case():
 
 def test_train_and_peers_tables_render():
     train = bench.benchmark_module("train")
-    row = {"model": "minilm", "devices": 1, "parameters": 22.7e6, "compile_s": 7.0, "step_median_s": 2.0,
+    row = {"model": "minilm", "devices": 1, "dtype": "bfloat16", "parameters": 22.7e6, "compile_s": 7.0, "step_median_s": 2.0,
            "step_min_s": 1.9, "step_max_s": 2.1, "pairs_per_s": 8.0, "tokens_per_s": 4096.0, "step_flops": 5e11,
            "achieved_flops_per_s": 2.5e11, "matmul_peak_flops_per_s": 2.9e11, "fraction_of_matmul_peak": 0.86,
            "temp_bytes": 2**30, "peak_rss_bytes": 2**31, "loadavg": ["1.0", "1.0", "1.0"]}
-    assert "| minilm | 1 |" in train.markdown({"rows": [row], "compilations": None})
+    assert "| minilm | 1 | bfloat16 |" in train.markdown({"rows": [row], "compilations": None})
 
     peers = bench.benchmark_module("peers")
     side = {"steady_pairs_per_s": 1.0, "steady_tokens_per_s": 200.0, "wall_seconds": 100.0, "heldout_accuracy": 0.6}

@@ -17,7 +17,7 @@ from jaxrm.models import RewardModel
 from jaxrm.train.config import LossConfig, MeshConfig, TrainConfig
 from jaxrm.train.mesh import batch_sharding, global_batch, make_mesh, on_mesh, replicated, state_shardings
 from jaxrm.train.optimizer import make_optimizer
-from jaxrm.train.step import TrainState, make_train_step, pair_statistics, split_model
+from jaxrm.train.step import TrainState, make_gradient_step, make_train_step, pair_statistics, split_model
 
 
 def tiny_qwen3():
@@ -81,8 +81,15 @@ def test_gradient_accumulation_matches_one_batch():
     new_b, metrics_b = step_b(state_b, global_batch(batch, mesh))
     np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_a["grad_norm"], metrics_b["grad_norm"], rtol=1e-4)
-    # Adam normalises the first update to ±lr per element: 1e-5 is float noise on lr = 1e-2.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new_a.params, new_b.params)
+    # The gradients themselves agree to float noise...
+    _, _, _, reward_fn = build()
+    grads = [make_gradient_step(reward_fn, LossConfig(), grad_accum_steps=accum)(state_a, batch)[0]
+             for accum in (1, 4)]
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(grads[0]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale), *grads)
+    # ...and so do the updates: Adam normalises the first one to about ±lr = 1e-2 per element, and an
+    # element whose gradient is near Adam's eps moves by a noisy fraction of that.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), new_a.params, new_b.params)
 
 
 def test_nonfinite_loss_leaves_state_untouched():

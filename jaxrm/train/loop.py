@@ -36,7 +36,7 @@ from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, 
 from jaxrm.train.metrics_log import MetricsLog, plot_loss, summary_table
 from jaxrm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxrm.train.run_dir import build_model, build_tokenizer, save_model_spec
-from jaxrm.train.step import TrainState, loss_kind, make_reward_step, make_train_step, split_model
+from jaxrm.train.step import TrainState, jit_train_step, loss_kind, make_reward_step, split_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,12 +167,9 @@ def train(config: Config) -> dict:
         save_config(config, run_dir / "config.yaml")
         save_model_spec(run_dir, model, tokenizer)
 
-    train_step = jax.jit(
-        make_train_step(reward_fn, optimizer, config.loss, grad_accum_steps=config.train.grad_accum_steps),
-        in_shardings=(state_sharding, batch_sharding(mesh)),
-        out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=0,
-    )
+    train_step = jit_train_step(reward_fn, optimizer, config.loss, state_sharding=state_sharding,
+                                batch_sharding=batch_sharding(mesh), replicated=replicated(mesh),
+                                grad_accum_steps=config.train.grad_accum_steps)
     reward_step = jax.jit(make_reward_step(reward_fn), out_shardings=replicated(mesh))
     log = MetricsLog(run_dir, enabled=is_main)
     log.forget_after(int(state.step))

@@ -81,11 +81,17 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def on_mesh(tree, mesh: Mesh):
-    """Replicates over ``mesh`` every array of ``tree`` that does not live on it yet (step, counters)."""
-    mesh_devices = set(mesh.devices.flat)
-    return jax.tree.map(
-        lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated(mesh)), tree
-    )
+    """Replicates over ``mesh`` every array of ``tree`` that is not laid out on it yet (step, counters).
+
+    An array on the right devices but without a ``NamedSharding`` of ``mesh`` (a counter made on the one
+    device of a one-device mesh) is placed too: jit keys its cache on the sharding, so otherwise the
+    first step's state and every later step's would compile the step twice.
+    """
+    def place(x):
+        on_this_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if on_this_mesh else jax.device_put(x, replicated(mesh))
+
+    return jax.tree.map(place, tree)
 
 
 def global_batch(local_batch, mesh: Mesh):
