@@ -140,5 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The ``jaxrm`` console command: restarts once with malloc tuned for XLA:CPU (`jaxrm.host`), then `main`."""
+    from jaxrm.host import reexec
+
+    reexec("jaxrm.cli", sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

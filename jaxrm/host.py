@@ -1,0 +1,52 @@
+"""Process-level settings for XLA:CPU: glibc malloc tuned so a step's buffers are reused, not re-faulted.
+
+XLA:CPU takes a step's temporary buffers (about 3.5 GiB for the MiniLM train step at 32 × 256 tokens)
+from ``malloc`` and frees them when the step ends. glibc serves every allocation above its mmap
+threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and trims freed heap memory,
+so each step page-faults its whole working set in again: measured on 2 cores, 6.5 M page faults and
+20 s of kernel time over 8 MiniLM steps, and a step at 32 × 256 tokens costing 2.7× one at 16 × 256.
+With one arena, no mmap-ed chunks and no trimming, the next step reuses the same memory: 0.7 M faults,
+and the 32 × 256 step drops from 5.4 s to 3.6 s. The price: the process keeps the memory of its largest
+step until it exits, which a training job holds anyway.
+
+glibc reads these settings once, when the process starts, hence `tuned_environment` + `reexec` for the
+console command; a library user sets the same variables before starting Python. Nothing happens on
+other platforms or C libraries, or when ``JAXRM_TUNE_MALLOC=0``; variables the user set are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+MALLOC_SETTINGS = {
+    "MALLOC_ARENA_MAX": "1",  # every thread allocates from one heap, so freed buffers are found again
+    "MALLOC_MMAP_MAX_": "0",  # large buffers come from the heap, not from fresh mmaps unmapped on free
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),  # freed memory stays mapped for the next step
+}
+
+
+def tuned_environment(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment to restart the process with, or None when nothing needs changing here."""
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("JAXRM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    if platform.libc_ver()[0] != "glibc" or all(key in environ for key in MALLOC_SETTINGS):
+        return None
+    return {**MALLOC_SETTINGS, **environ}
+
+
+def reexec(module: str, argv: list[str]) -> None:
+    """Replaces the process with ``python -m module *argv`` under `tuned_environment`, when it differs.
+
+    The process keeps its PID (signals and job schedulers see the same process); returns only when no
+    restart is needed or possible.
+    """
+    environ = tuned_environment()
+    if environ is None:
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], environ)
+    except OSError:
+        return  # no interpreter to restart (embedded Python): run untuned

@@ -1,0 +1,46 @@
+"""jaxrm.host: the console command restarts once with glibc malloc tuned, keeping what the user set."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from jaxrm.host import MALLOC_SETTINGS, tuned_environment
+
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                                 reason="the malloc settings are glibc's")
+
+
+@linux_glibc
+def test_tuned_environment_adds_the_settings_and_keeps_the_users():
+    environ = tuned_environment({"PATH": "/bin", "MALLOC_ARENA_MAX": "4"})
+    assert environ["PATH"] == "/bin"
+    assert environ["MALLOC_ARENA_MAX"] == "4"  # the user's value wins
+    assert environ["MALLOC_MMAP_MAX_"] == "0" and int(environ["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
+
+
+@linux_glibc
+def test_no_restart_when_tuned_already_or_switched_off():
+    assert tuned_environment({**MALLOC_SETTINGS, "PATH": "/bin"}) is None  # the restarted process: no loop
+    assert tuned_environment({"JAXRM_TUNE_MALLOC": "0"}) is None
+
+
+@linux_glibc
+def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path):
+    (tmp_path / "show_environment.py").write_text(
+        "import json, os\n"
+        "print(json.dumps({'pid': os.getpid(), **{k: os.environ.get(k) for k in "
+        + repr(sorted(MALLOC_SETTINGS)) + "}}))\n"
+    )
+    script = ("import os, sys; print(os.getpid(), flush=True); from jaxrm.host import reexec; "
+              "reexec('show_environment', ['--flag']); print('not restarted')")
+    environ = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS and k != "JAXRM_TUNE_MALLOC"}
+    environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    lines = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    shown = json.loads(lines[1])
+    assert int(lines[0]) == shown.pop("pid")
+    assert shown == MALLOC_SETTINGS
