@@ -13,7 +13,9 @@ tokenization, model loading, compilation, training, the held-out scoring, and fo
 checkpoint):
 
 - TRL 1.x ``RewardTrainer`` (torch, ``--torch-threads`` threads), batch 16, cosine schedule with the
-  same warmup, learning rate and weight decay as jaxrm, no checkpoints; a callback timestamps every step;
+  same warmup, learning rate and weight decay as jaxrm, no checkpoints, every other setting at
+  ``RewardConfig``'s defaults (bfloat16 autocast, activation checkpointing, dropout off: recorded in the
+  result); a callback timestamps every step;
 - jaxrm: ``jaxrm train configs/minilm-hh.yaml`` with overrides (the kept pairs, the held-out slice as
   ``data.eval``, ``train.steps``), the real engine.
 
@@ -142,6 +144,9 @@ def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, 
         "steady_tokens_per_s": (clock.tokens[-1] - (clock.tokens[warm - 1] if warm else 0)) / steady_seconds,
         "heldout_pairs": len(heldout),
         "heldout_accuracy": correct / len(heldout),
+        # RewardConfig's own defaults, recorded: bfloat16 autocast and activation checkpointing.
+        "bf16": bool(args.bf16),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
     }
 
 
