@@ -19,6 +19,9 @@ checkpoint):
 - jaxrm: ``jaxrm train configs/minilm-hh.yaml`` with overrides (the kept pairs, the held-out slice as
   ``data.eval``, ``train.steps``), the real engine.
 
+Without the hh-rlhf file (``--data`` left at its default), both sides train on the synthetic set
+instead: 2,085 pairs of `jaxrm.data.synthetic` written as hh-style dialogues.
+
 Steady state is the rate over the steps after the first ``--warmup-steps`` (default 10): real pairs
 per second, and real (non-padding) tokens per second, as each side counts them. Without torch or TRL
 installed the TRL side is skipped and said so.
@@ -34,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from jaxrm.host import untuned_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "hh-harmless.jsonl.gz"
@@ -185,7 +190,7 @@ def _timed(command: list[str], log_path: Path, env: dict | None = None) -> float
     started = time.perf_counter()
     with log_path.open("w") as log_file:
         completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                   env={**os.environ, **(env or {})})
+                                   env=env)
     seconds = time.perf_counter() - started
     if completed.returncode:
         raise RuntimeError(f"{' '.join(command)} failed (exit {completed.returncode}); see {log_path}")
@@ -216,11 +221,13 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
         command = [sys.executable, "-m", "benchmarks.peers", "--side", "trl", "--workdir", str(workdir),
                    "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--torch-threads", str(threads),
                    "--schedule-warmup", str(schedule_warmup)]
-        seconds = _timed(command, workdir / "trl.log")
+        # TRL runs in the environment the user gave, without the malloc settings the jaxrm command adds
+        # for itself (jaxrm.host); the jaxrm side below inherits them, as `jaxrm train` would set them.
+        seconds = _timed(command, workdir / "trl.log", env=untuned_environment())
         result["trl"] = {**json.loads((workdir / "trl.json").read_text()), "wall_seconds": seconds}
         loads["after_trl"] = _loadavg()
         log(f"TRL: {result['trl']}")
-    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log")
+    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log", env=dict(os.environ))
     result["jaxrm"] = {**jaxrm_results(workdir, warmup_steps, settings["batch_size"]), "wall_seconds": seconds}
     loads["after_jaxrm"] = _loadavg()
     log(f"jaxrm: {result['jaxrm']}")
@@ -283,10 +290,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra key=value override for the jaxrm run (repeatable)")
 
 
+def write_synthetic_dialogues(path: Path, count: int = 2085, seed: int = 0) -> Path:
+    """hh-rlhf-shaped stand-in data: ``count`` pairs of the synthetic task (`jaxrm.data.synthetic`) as
+    ``{chosen, rejected}`` dialogues that share their Human turn, responses of 8–120 words."""
+    from jaxrm.data.synthetic import SyntheticTask, write_jsonl
+
+    task = SyntheticTask(vocab_size=256, min_words=8, max_words=120, seed=seed)
+    records = [{side: f"\n\nHuman: {pair['prompt']}\n\nAssistant: {pair[side]}" for side in ("chosen", "rejected")}
+               for pair in task.pairs(count, seed=seed)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(records, path)
+
+
 def main(args: argparse.Namespace) -> dict:
     data = args.data.resolve()
     if not data.exists():
-        raise FileNotFoundError(f"{data} does not exist; pass --data with an hh-rlhf style JSONL file")
+        if args.data != DEFAULT_DATA:
+            raise FileNotFoundError(f"{data} does not exist; pass --data with an hh-rlhf style JSONL file")
+        print(f"{data} is not here: using the synthetic set instead (hh-rlhf-shaped dialogues)", flush=True)
+        data = write_synthetic_dialogues(args.workdir / "synthetic-pairs.jsonl")
     result = run(data, args.workdir, args.steps, args.warmup_steps, args.torch_threads, args.jaxrm_override)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxrm.host import untuned_environment
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("minilm", "qwen3-50m")
 QWEN3_50M = {
@@ -196,7 +198,9 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
 
 
 def _in_subprocess(model: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+    # Several virtual devices: glibc's default malloc (jaxrm.host explains why not the tuned one).
+    base = os.environ if devices == 1 else untuned_environment()
+    env = {**base, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                                       f"--xla_force_host_platform_device_count={devices}".strip()}
     command = [sys.executable, "-m", "benchmarks.train", "--one", model, "--devices-one", str(devices),
                "--batch", str(batch), "--length", str(length), "--repeats", str(repeats), "--dtype", dtype]

@@ -59,3 +59,19 @@ def test_train_and_peers_tables_render():
                          "accuracy_difference": 0.0},
               "floors": {"steady_state_2.5x": False}}
     assert "**3.00×**" in peers.markdown(result)
+
+
+def test_peers_synthetic_stand_in_is_hh_shaped_and_read_as_pairs(tmp_path):
+    from jaxrm.data.readers import read_records
+    from jaxrm.data.records import PairRecord
+
+    peers = bench.benchmark_module("peers")
+    path = peers.write_synthetic_dialogues(tmp_path / "sub" / "pairs.jsonl", count=50)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 50
+    for record in lines:
+        human = record["chosen"].rsplit("\n\nAssistant:", 1)[0]
+        assert human.startswith("\n\nHuman: ") and record["rejected"].startswith(human + "\n\nAssistant:")
+        assert record["chosen"] != record["rejected"]
+    pairs, _ = read_records(path)
+    assert len(pairs) == 50 and all(isinstance(pair, PairRecord) for pair in pairs)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxrm.host import MALLOC_SETTINGS, tuned_environment
+from jaxrm.host import ADDED_KEY, MALLOC_SETTINGS, tuned_environment, untuned_environment
 
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                  reason="the malloc settings are glibc's")
@@ -23,9 +23,21 @@ def test_tuned_environment_adds_the_settings_and_keeps_the_users():
 
 
 @linux_glibc
+def test_untuned_environment_takes_away_only_what_jaxrm_added():
+    user = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}
+    tuned = tuned_environment(user)
+    assert tuned[ADDED_KEY] == "MALLOC_MMAP_MAX_,MALLOC_TRIM_THRESHOLD_"
+    assert untuned_environment(tuned) == user
+    assert untuned_environment(user) == user
+
+
+@linux_glibc
 def test_no_restart_when_tuned_already_or_switched_off():
     assert tuned_environment({**MALLOC_SETTINGS, "PATH": "/bin"}) is None  # the restarted process: no loop
     assert tuned_environment({"JAXRM_TUNE_MALLOC": "0"}) is None
+    # several virtual CPU devices fragment one shared arena: left at glibc's defaults
+    assert tuned_environment({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) is None
+    assert tuned_environment({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) is not None
 
 
 @linux_glibc
@@ -37,7 +49,8 @@ def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path)
     )
     script = ("import os, sys; print(os.getpid(), flush=True); from jaxrm.host import reexec; "
               "reexec('show_environment', ['--flag']); print('not restarted')")
-    environ = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS and k != "JAXRM_TUNE_MALLOC"}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in MALLOC_SETTINGS and k not in ("JAXRM_TUNE_MALLOC", "XLA_FLAGS")}
     environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
     lines = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
                            check=True).stdout.splitlines()
