@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm import losses
+from jaxrm.bench import write_result
 
 DEFAULT_SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 LIST_SIZES = (4, 8)
@@ -388,9 +388,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    write_result(result, out, markdown(result))
     plot(result, out.with_suffix(".png"))
 
 

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxrm.bench import write_result
 from jaxrm.host import untuned_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +228,7 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
         result["trl"] = {**json.loads((workdir / "trl.json").read_text()), "wall_seconds": seconds}
         loads["after_trl"] = _loadavg()
         log(f"TRL: {result['trl']}")
-    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log", env=dict(os.environ))
+    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log")
     result["jaxrm"] = {**jaxrm_results(workdir, warmup_steps, settings["batch_size"]), "wall_seconds": seconds}
     loads["after_jaxrm"] = _loadavg()
     log(f"jaxrm: {result['jaxrm']}")
@@ -310,9 +311,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{data} is not here: using the synthetic set instead (hh-rlhf-shaped dialogues)", flush=True)
         data = write_synthetic_dialogues(args.workdir / "synthetic-pairs.jsonl")
     result = run(data, args.workdir, args.steps, args.warmup_steps, args.torch_threads, args.jaxrm_override)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write_result(result, args.out, markdown(result))
     print(markdown(result))
     return result
 

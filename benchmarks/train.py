@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxrm.bench import write_result
 from jaxrm.host import untuned_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +140,7 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
 
     from jaxrm.train.mesh import batch_sharding, global_batch, make_mesh, on_mesh, replicated, state_shardings
     from jaxrm.train.optimizer import make_optimizer
-    from jaxrm.train.step import JittedTrainStep, TrainState, jit_train_step, split_model
+    from jaxrm.train.step import TrainStep, TrainState, jit_train_step, split_model
 
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices asked, {len(jax.devices())} present")
@@ -166,7 +167,7 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     grads, metrics = jax.eval_shape(step.gradient_step, state, batch_arrays)
     update_step = step.update_step.lower(state, grads, metrics["loss"]).compile()
     compile_seconds = time.perf_counter() - started
-    compiled = JittedTrainStep(gradient_step, update_step)
+    compiled = TrainStep(gradient_step, update_step)
     costs = [c[0] if isinstance(c, list) else c for c in (gradient_step.cost_analysis(), update_step.cost_analysis())]
     flops = sum(float(c.get("flops", float("nan"))) for c in costs)
     memory = gradient_step.memory_analysis()
@@ -249,9 +250,7 @@ def main(args: argparse.Namespace) -> dict:
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {"rows": rows, "compilations": run_compilations(args.run_steps) if "minilm" in args.models else None}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write_result(result, args.out, markdown(result))
     print(markdown(result))
     return result
 

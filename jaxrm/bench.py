@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +42,13 @@ SUMMARIES = {
     "train": "train-step throughput, compile time, memory and FLOP/s against a matmul peak",
     "peers": "TRL RewardTrainer and jaxrm on the same MiniLM checkpoint, data and steps",
 }
+
+
+def write_result(result: dict, out: Path, markdown: str) -> None:
+    """Writes a benchmark's ``<out>.json`` (the result) and ``<out>.md`` (its table)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown)
 
 
 def run(benchmark: str, options: list[str]) -> dict:

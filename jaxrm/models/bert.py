@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention
+from jaxrm.models.layers import Dense, attention, logical_axes
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"
@@ -36,11 +36,6 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-
-
-def _logical_axes(*names: str | None) -> dict:
-    # Logical axis names for the training engine's sharding rules; placement happens there, not here.
-    return {"out_sharding": names, "eager_sharding": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +97,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm with the statistics in float32, cast back to the compute dtype before scale and shift."""
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_logical_axes(None))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **_logical_axes(None))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes(None))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **logical_axes(None))
         self.eps = eps
         self.dtype = dtype
 
@@ -126,7 +121,7 @@ def _embed(count, spec, axes, *, param_dtype, rngs) -> nnx.Embed:
         spec.hidden_size,
         param_dtype=param_dtype,
         embedding_init=nnx.initializers.normal(spec.initializer_range),
-        embedding_metadata=_logical_axes(*axes),
+        embedding_metadata=logical_axes(*axes),
         rngs=rngs,
     )
 

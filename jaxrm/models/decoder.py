@@ -21,20 +21,16 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention
+from jaxrm.models.layers import Dense, attention, logical_axes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_POOLING = "last"
 
 _SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
-# Parameters carry logical axis names, which the training engine maps to mesh axes (embed -> "fsdp";
+# Parameters carry logical axis names (`layers.logical_axes`), which the training engine maps to mesh axes (embed -> "fsdp";
 # heads, kv_heads, mlp, vocab -> "model"); None means replicated. The names are metadata only: the
 # module never places parameters on devices itself, so it builds the same way with or without a mesh.
-
-
-def _logical_axes(*names: str | None) -> dict:
-    return {"out_sharding": names, "eager_sharding": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +156,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm with the statistics in float32, scaled after casting back (as transformers does)."""
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_logical_axes(None))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes(None))
         self.eps = eps
         self.dtype = dtype
 
@@ -287,7 +283,7 @@ class DecoderBackbone(nnx.Module):
             spec.hidden_size,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(spec.initializer_range),
-            embedding_metadata=_logical_axes("vocab", "embed"),
+            embedding_metadata=logical_axes("vocab", "embed"),
             rngs=rngs,
         )
         self.layers = nnx.List(

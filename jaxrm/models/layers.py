@@ -37,6 +37,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+def logical_axes(*names: str | None) -> dict:
+    """Metadata naming a parameter's logical axes for the training engine's sharding rules
+    (`jaxrm.train.mesh`); placement happens there, not at initialisation."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
 #: Added to the scores of masked keys. Finite, so a query with no allowed key attends uniformly.
 MASKED_SCORE = -1e30
 
@@ -45,13 +51,9 @@ def _accumulate(lhs: jax.Array, rhs: jax.Array, contracting: tuple[tuple[int, ..
     return jax.lax.dot_general(lhs, rhs, (contracting, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _is_float32(dtype) -> bool:
-    return jnp.dtype(dtype) == jnp.float32
-
-
 def matmul(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """``x [..., in] @ kernel [in, out]`` with operands in ``dtype``; returns float32 [..., out]."""
-    if _is_float32(dtype):
+    if jnp.dtype(dtype) == jnp.float32:
         return _accumulate(x.astype(jnp.float32), kernel.astype(jnp.float32), ((x.ndim - 1,), (0,)))
     return _mixed_matmul(x.astype(dtype), kernel, jnp.dtype(dtype))
 
@@ -78,9 +80,8 @@ _mixed_matmul.defvjp(_mixed_matmul_forward, _mixed_matmul_backward)
 
 
 class Dense(nnx.Module):
-    """``y = x W + b`` with ``W`` [in, out] (``kernel``) and ``b`` [out] (``bias``), computed by `matmul`.
-
-    Returns ``out_dtype`` (default float32, the accumulation dtype).
+    """``y = x W + b`` with ``W`` [in, out] (``kernel``) and ``b`` [out] (``bias``), computed by `matmul`;
+    returns float32 (the accumulation dtype).
 
     Args:
       in_features, out_features: sizes of the last axis of the input and the output.
@@ -94,10 +95,9 @@ class Dense(nnx.Module):
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
                  use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_scale: float = 0.02,
                  rngs: nnx.Rngs):
-        metadata = lambda *names: {"out_sharding": names, "eager_sharding": False}  # noqa: E731
         kernel = init_scale * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
-        self.kernel = nnx.Param(kernel, **metadata(*axes))
-        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), **metadata(axes[-1])) if use_bias else None
+        self.kernel = nnx.Param(kernel, **logical_axes(*axes))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), **logical_axes(axes[-1])) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
+from jaxrm.models.layers import logical_axes
 from jaxrm.models.param_table import AS_IS, TRANSPOSE, ParamRow, export_params, expand, load_params
 from jaxrm.models.registry import Family, family_for
 from jaxrm.models.tokenizer import load_tokenizer
@@ -58,10 +59,6 @@ _TOKENIZER_FILES = (
 )
 
 _MAX_LISTED_KEYS = 12
-
-
-def _logical_axes(*names: str | None) -> dict:
-    return {"out_sharding": names, "eager_sharding": False}
 
 
 def pooled_positions(attention_mask: jax.Array, pooling: str) -> jax.Array:
@@ -103,8 +100,8 @@ class RewardHead(nnx.Module):
                 hidden_size,
                 hidden_size,
                 kernel_init=nnx.initializers.normal(initializer_range),
-                kernel_metadata=_logical_axes("embed", None),
-                bias_metadata=_logical_axes(None),
+                kernel_metadata=logical_axes("embed", None),
+                bias_metadata=logical_axes(None),
                 **float32,
             )
             if pooler
@@ -115,8 +112,8 @@ class RewardHead(nnx.Module):
             num_objectives,
             use_bias=bias,
             kernel_init=nnx.initializers.normal(1.0 / math.sqrt(hidden_size + 1)),
-            kernel_metadata=_logical_axes("embed", None),
-            bias_metadata=_logical_axes(None),
+            kernel_metadata=logical_axes("embed", None),
+            bias_metadata=logical_axes(None),
             **float32,
         )
 
