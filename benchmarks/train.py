@@ -79,8 +79,9 @@ def _random_batch(batch: int, length: int, vocab: int):
 
     rng = np.random.default_rng(0)
     return Batch(
-        input_ids=rng.integers(1000, vocab, (batch, 2, length)).astype(np.int32),
-        attention_mask=np.ones((batch, 2, length), np.int32),
+        input_ids=rng.integers(1000, vocab, (batch * 2, length)).astype(np.int32),
+        segment_ids=np.ones((batch * 2, length), np.int32),
+        sequence_index=np.arange(batch * 2, dtype=np.int32).reshape(batch, 2),
         ranks=np.tile(np.array([0, 1], np.int32), (batch, 1)),
         slot_mask=np.ones((batch, 2), bool),
         outcome=np.ones((batch,), np.int32),
@@ -109,8 +110,8 @@ def matmul_peak(rows: int, inner: int, outer: int, repeats: int, dtype: str = "f
 
 
 def run_compilations(run_steps: int) -> dict | None:
-    """Distinct padded shapes (= train-step compilations) over the first ``run_steps`` batches of
-    configs/minilm-hh.yaml, through the engine's own tokenization and batching."""
+    """Distinct batch shapes (= train-step compilations) over the first ``run_steps`` batches of
+    configs/minilm-hh.yaml, through the engine's own tokenization and batching (packed rows)."""
     from jaxrm.data.batching import BatchPlan, Collator, default_buckets
     from jaxrm.train.config import load_config
     from jaxrm.train.loop import prepare_data
@@ -121,17 +122,17 @@ def run_compilations(run_steps: int) -> dict | None:
         return None
     examples, _, _ = prepare_data(config, build_tokenizer(config))
     buckets = config.data.buckets or default_buckets(config.data.max_length)
-    collator = Collator(examples, buckets=buckets, pad_id=0)
+    collator = Collator(examples, buckets=buckets, pad_id=0, sequences_per_row=config.data.sequences_per_row)
     plan = BatchPlan(collator.lengths, batch_size=config.train.batch_size, seed=config.train.seed,
                      length_group_batches=config.data.length_group_batches)
     shapes, real, padded = [], 0, 0
     for index in range(run_steps):
         batch = collator(plan(index))
-        shapes.append(batch.input_ids.shape[-1])
-        real += int(batch.attention_mask[batch.example_mask].sum())
-        padded += batch.input_ids[batch.example_mask].size
+        shapes.append(batch.input_ids.shape)
+        real += batch.num_tokens
+        padded += batch.input_ids.size
     return {"steps": run_steps, "buckets": buckets, "compilations": len(set(shapes)),
-            "shapes_seen": sorted(set(shapes)), "padding_fraction": 1 - real / padded}
+            "shapes_seen": [list(shape) for shape in sorted(set(shapes))], "padding_fraction": 1 - real / padded}
 
 
 def measure(model_name: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:

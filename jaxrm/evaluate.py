@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxrm.calibration import expected_calibration_error, plot_reliability
-from jaxrm.data.batching import Batch, Collator, sequential_batches
+from jaxrm.data.batching import SEQUENCES_PER_ROW, Batch, Collator, sequential_batches
 from jaxrm.data.records import RATING_LEVELS
 from jaxrm.data.stats import spearman
 from jaxrm.data.tokenize import TokenizedExample
@@ -42,12 +42,13 @@ from jaxrm.train.step import example_losses, pair_statistics
 
 
 def score_examples(reward_step: Callable, params, examples: Sequence[TokenizedExample], *, batch_size: int,
-                   buckets: Sequence[int], pad_id: int, mesh) -> np.ndarray:
+                   buckets: Sequence[int], pad_id: int, mesh, sequences_per_row: int = SEQUENCES_PER_ROW) -> np.ndarray:
     """Rewards ``[N, K]`` (float32; NaN in the empty slots of lists shorter than K)."""
-    collator = Collator(examples, buckets=buckets, pad_id=pad_id,
+    collator = Collator(examples, buckets=buckets, pad_id=pad_id, sequences_per_row=sequences_per_row,
+                        row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
                         process_index=jax.process_index(), process_count=jax.process_count())
     rewards = np.full((len(examples), collator.list_size), np.nan, np.float32)
-    for indices in sequential_batches(collator.lengths, batch_size):
+    for indices in sequential_batches(collator.lengths, batch_size, by_length=sequences_per_row == 1):
         batch_rewards = np.asarray(jax.device_get(reward_step(params, global_batch(collator(indices), mesh))))
         real = indices >= 0
         rewards[indices[real]] = batch_rewards[real]
@@ -65,8 +66,9 @@ def _host_batch(examples: Sequence[TokenizedExample], list_size: int) -> Batch:
         ranks[row, : len(example.ranks)] = example.ranks
         slot_mask[row, : len(example.ranks)] = True
     return Batch(
-        input_ids=np.zeros((num, list_size, 1), np.int32),
-        attention_mask=np.ones((num, list_size, 1), np.int32),
+        input_ids=np.zeros((1, 1), np.int32),
+        segment_ids=np.ones((1, 1), np.int32),
+        sequence_index=np.zeros((num, list_size), np.int32),
         ranks=ranks,
         slot_mask=slot_mask,
         outcome=np.array([example.outcome for example in examples], np.int32),

@@ -49,7 +49,8 @@ def score_model(model_or_run, data: str, *, max_length=None, batch_size=None, ch
     examples, report = load_examples(data, data_config, tokenizer, split="eval")
     rewards = score_examples(reward_step, params, examples, batch_size=batch_size,
                              buckets=data_config.buckets or default_buckets(data_config.max_length),
-                             pad_id=tokenizer.pad_token_id, mesh=mesh)
+                             pad_id=tokenizer.pad_token_id, mesh=mesh,
+                             sequences_per_row=data_config.sequences_per_row)
     return rewards, examples, config, report
 
 

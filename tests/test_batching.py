@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from jaxrm.data.batching import BatchPlan, Collator, bucket_length, collate, default_buckets, sequential_batches
+from jaxrm.data.batching import (
+    BatchPlan,
+    Collator,
+    bucket_length,
+    collate,
+    default_buckets,
+    pack,
+    row_bucket,
+    sequential_batches,
+)
 from jaxrm.data.pipeline import training_batches
 from jaxrm.data.tokenize import TokenizedExample
 
@@ -26,21 +35,78 @@ def test_default_buckets():
         bucket_length(97, [32, 64, 96])
 
 
-def test_collate_pads_and_masks():
+def tokens_of(batch, example, slot, micro_batches=1):
+    """The tokens ``batch`` holds for response ``slot`` of ``example``, read back through sequence_index."""
+    row, segment = divmod(int(batch.sequence_index[example, slot]), batch.max_segments)
+    rows = batch.input_ids[example % micro_batches :: micro_batches]
+    segments = batch.segment_ids[example % micro_batches :: micro_batches]
+    return rows[row][segments[row] == segment + 1]
+
+
+def test_collate_one_sequence_per_row_pads_and_masks():
     batch = collate([make_example([3, 5], margin=0.5, rating=2), None], list_size=2, length=8, pad_id=0)
-    assert batch.input_ids.shape == (2, 2, 8)
-    np.testing.assert_array_equal(batch.attention_mask[0, 0], [1, 1, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(batch.input_ids[0, 1], [1, 2, 3, 4, 5, 0, 0, 0])
+    assert batch.input_ids.shape == (2, 8) and batch.max_segments == 1
+    np.testing.assert_array_equal(batch.segment_ids[batch.sequence_index[0, 0]], [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch.input_ids[batch.sequence_index[0, 1]], [1, 2, 3, 4, 5, 0, 0, 0])
+    assert batch.sequence_index[0, 0] != batch.sequence_index[0, 1]
     np.testing.assert_array_equal(batch.example_mask, [True, False])
     assert batch.margin[0] == 0.5 and batch.rating[0] == 2 and batch.rating[1] == -1
-    # padding examples keep one attended token per row so attention stays well defined
-    assert batch.attention_mask[1].sum() == 2
+    assert batch.num_tokens == 8  # the padding example brings no tokens
 
 
 def test_collate_pads_short_lists():
     batch = collate([make_example([2, 2, 2], ranks=[1, 0, 2]), make_example([2, 2])], list_size=3, length=4, pad_id=0)
     np.testing.assert_array_equal(batch.slot_mask, [[True, True, True], [True, True, False]])
     np.testing.assert_array_equal(batch.ranks[0], [1, 0, 2])
+
+
+def test_row_buckets():
+    assert [row_bucket(n) for n in range(1, 10)] == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert [row_bucket(n) for n in (11, 15, 17, 33, 70)] == [12, 16, 20, 40, 80]
+    for n in range(1, 500):
+        assert n <= row_bucket(n) <= 1.25 * n + 1
+
+
+def test_pack_first_fit_decreasing_respects_capacity_and_segments():
+    lengths = list(np.random.default_rng(0).integers(1, 60, size=40))
+    placements = pack(lengths, capacity=64, max_segments=3)
+    rows = {}
+    for length, (row, start, segment) in zip(lengths, placements):
+        rows.setdefault(row, []).append((start, length, segment))
+    for spans in rows.values():
+        spans.sort()
+        assert len(spans) <= 3 and sorted(s for _, _, s in spans) == list(range(1, len(spans) + 1))
+        assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous
+        assert spans[-1][0] + spans[-1][1] <= 64
+    assert len(rows) <= -(-sum(lengths) // 64) + 3  # close to the fewest rows the tokens need
+    with pytest.raises(ValueError, match="longer than the row"):
+        pack([65], capacity=64, max_segments=2)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_packed_rows_hold_every_sequence_once(micro_batches):
+    rng = np.random.default_rng(1)
+    examples = [make_example(rng.integers(1, 30, size=2)) for _ in range(7)] + [None]
+    batch = collate(examples, list_size=2, length=32, pad_id=0, sequences_per_row=4, micro_batches=micro_batches,
+                    row_shards=2)
+    assert batch.input_ids.shape[0] % (2 * micro_batches) == 0
+    assert batch.input_ids.shape[0] < 14  # fewer rows than sequences
+    for e, example in enumerate(examples[:7]):
+        for slot, sequence in enumerate(example.sequences):
+            np.testing.assert_array_equal(tokens_of(batch, e, slot, micro_batches), sequence)
+    assert batch.num_tokens == sum(len(q) for example in examples[:7] for q in example.sequences)
+    np.testing.assert_array_equal(batch.input_ids[batch.segment_ids == 0], 0)
+
+
+def test_process_rows_share_the_global_packing():
+    examples = [make_example([n, n + 1]) for n in (5, 40, 6, 7)]
+    whole = Collator(examples, buckets=[32, 64], pad_id=0, row_shards=2)(np.arange(4))
+    parts = [Collator(examples, buckets=[32, 64], pad_id=0, process_index=p, process_count=2)(np.arange(4))
+             for p in range(2)]
+    assert parts[0].input_ids.shape == parts[1].input_ids.shape
+    assert parts[0].input_ids.shape[1] == 64
+    np.testing.assert_array_equal(np.concatenate([p.input_ids for p in parts]), whole.input_ids)
+    np.testing.assert_array_equal(np.concatenate([p.sequence_index for p in parts]), whole.sequence_index)
 
 
 @pytest.mark.parametrize("group", [0, 4])
@@ -73,14 +139,6 @@ def test_length_grouping_reduces_padding():
     grouped = padded_tokens(BatchPlan(lengths, batch_size=16, seed=0, length_group_batches=16))
     assert grouped < 0.75 * plain
     assert lengths.sum() / grouped > 0.8
-
-
-def test_process_rows_share_the_global_bucket():
-    examples = [make_example([n, n]) for n in (5, 40, 6, 7)]
-    rows = [Collator(examples, buckets=[32, 64], pad_id=0, process_index=p, process_count=2)(np.arange(4))
-            for p in range(2)]
-    assert rows[0].input_ids.shape == rows[1].input_ids.shape == (2, 2, 64)
-    np.testing.assert_array_equal(rows[1].attention_mask[0, 0].sum(), 6)
 
 
 def test_sequential_batches_cover_everything_once():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, matmul
+from jaxrm.models.layers import Dense, attention, matmul, positions_in_segment, segment_mask
 
 
 def _numpy_attention(query, key, value, mask, scale):
@@ -135,3 +135,12 @@ def test_dense_layer_keeps_parameter_names_dtypes_and_logical_axes():
         layer.kernel[...].astype(jnp.bfloat16).astype(jnp.float32))
     np.testing.assert_allclose(layer(x), want + np.asarray(layer.bias[...]), rtol=1e-5, atol=1e-6)
     assert Dense(6, 4, (None, None), use_bias=False, rngs=nnx.Rngs(0)).bias is None
+
+
+def test_positions_and_mask_of_packed_rows():
+    segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(positions_in_segment(segments), [[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 4]])
+    mask = np.asarray(segment_mask(segments, segments))[0, 0]
+    np.testing.assert_array_equal(mask[0], [1, 1, 1, 0, 0, 0, 0])  # sequence 1 reads only itself
+    np.testing.assert_array_equal(mask[3], [0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(mask[5], [1, 1, 1, 1, 1, 0, 0])  # a pad query reads every real key

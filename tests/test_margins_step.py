@@ -17,7 +17,7 @@ from jaxrm.train.optimizer import make_optimizer
 from jaxrm.train.step import TrainState, make_train_step, split_model
 
 
-def pairs(count, seed=0):
+def pairs(count, seed=0, micro_batches=1):
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(count):
@@ -27,7 +27,7 @@ def pairs(count, seed=0):
             true_rewards=None, source=f"t:{i}", truncated=False, subset=None,
             response_lengths=np.array([len(s) for s in sequences], np.int32),
         ))
-    return collate(examples, list_size=2, length=16, pad_id=0)
+    return collate(examples, list_size=2, length=32, pad_id=0, sequences_per_row=4, micro_batches=micro_batches)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def run_step(model_parts, loss_config, batch, *, step=0, accum=1):
                                  in_shardings=(sharding, batch_sharding(mesh)),
                                  out_shardings=(sharding, replicated(mesh)))
     _, metrics = _COMPILED[key](state, global_batch(batch, mesh))
-    rewards = np.asarray(reward_fn(params, batch.input_ids, batch.attention_mask), np.float64)
+    rewards = np.asarray(reward_fn(params, batch), np.float64)
     return metrics, rewards
 
 
@@ -82,10 +82,9 @@ def test_confidence_margin_in_the_step(model_parts, step, ramp):
 
 
 def test_confidence_margin_with_accumulation_matches_one_batch(model_parts):
-    batch = pairs(8, seed=1)
     config = LossConfig(margin="confidence", margin_scale=1.0)
-    one, _ = run_step(model_parts, config, batch)
-    accumulated, _ = run_step(model_parts, config, batch, accum=4)
+    one, _ = run_step(model_parts, config, pairs(8, seed=1))
+    accumulated, _ = run_step(model_parts, config, pairs(8, seed=1, micro_batches=4), accum=4)
     for key in ("loss", "loss_margin", "grad_norm"):
         np.testing.assert_allclose(accumulated[key], one[key], rtol=1e-5)
 

@@ -271,3 +271,36 @@ def test_load_tokenizer_without_pad_or_eos_says_so(tmp_path):
 
 def test_package_exports_the_model_api():
     assert jaxrm.RewardModel is RewardModel and jaxrm.load_tokenizer is load_tokenizer
+
+
+@pytest.mark.parametrize("model_type", ["bert", "qwen3"])
+def test_packed_rows_score_each_sequence_as_if_alone(model_type):
+    """Several sequences in one row (segment ids, block-diagonal attention, positions from 0 per sequence)
+    get the rewards they get in padded rows of their own: the contract of packed training batches."""
+    configs = {
+        "bert": transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64),
+        "qwen3": transformers.Qwen3Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                          max_position_embeddings=64),
+    }
+    model = RewardModel.from_config(configs[model_type], rngs=0)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 100, n) for n in (5, 3, 7, 2, 1)]
+    alone = []
+    for sequence in sequences:
+        ids, mask = np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32)
+        ids[0, : len(sequence)], mask[0, : len(sequence)] = sequence, 1
+        alone.append(float(model(ids, mask)[0]))
+    layout = [[0, 1], [2, 3, 4]]  # row → sequences, side by side
+    ids, segments = np.zeros((2, 16), np.int32), np.zeros((2, 16), np.int32)
+    for row, members in enumerate(layout):
+        start = 0
+        for segment, index in enumerate(members, start=1):
+            ids[row, start : start + len(sequences[index])] = sequences[index]
+            segments[row, start : start + len(sequences[index])] = segment
+            start += len(sequences[index])
+    packed = np.asarray(model.packed_rewards(ids, segments, 4))
+    assert packed.shape == (2, 4)
+    got = [packed[row, slot] for row, members in enumerate(layout) for slot in range(len(members))]
+    np.testing.assert_allclose(got, alone, atol=1e-5)

@@ -40,9 +40,16 @@ def random_examples(count, seed=0, list_size=2):
     return examples
 
 
-def make_batch(examples, pad_to=None):
+def make_batch(examples, pad_to=None, *, sequences_per_row=4, micro_batches=1, row_shards=1):
+    """Packed rows of 32 tokens (several sequences each), split for ``micro_batches`` and ``row_shards`` devices."""
     rows = list(examples) + [None] * ((pad_to or len(examples)) - len(examples))
-    return collate(rows, list_size=len(examples[0].sequences), length=16, pad_id=0)
+    return collate(rows, list_size=len(examples[0].sequences), length=32, pad_id=0,
+                   sequences_per_row=sequences_per_row, micro_batches=micro_batches, row_shards=row_shards)
+
+
+def unpacked_rewards(reward_fn, params, examples):
+    """Rewards [N, K] with every sequence in a padded row of its own: the reference for packed batches."""
+    return np.asarray(reward_fn(params, make_batch(examples, sequences_per_row=1)))
 
 
 def build(mesh_config=None, loss=LossConfig(), train=TrainConfig(learning_rate=1e-2, steps=10), accum=1):
@@ -64,7 +71,8 @@ def test_loss_is_exact_mean_over_real_examples():
     state, step, mesh, reward_fn = build()
     batch = make_batch(examples, pad_to=8)
     _, metrics = step(state, global_batch(batch, mesh))
-    rewards = np.asarray(reward_fn(state.params, batch.input_ids[:5], batch.attention_mask[:5]))
+    assert batch.input_ids.shape[0] < 10  # packed: fewer rows than the 10 sequences
+    rewards = unpacked_rewards(reward_fn, state.params, examples)
     # the step applies the batch margin (data preparation already resolved loss.margin into it)
     expected = np.mean(np.logaddexp(0.0, -(rewards[:, 0] - rewards[:, 1] - batch.margin[:5])))
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
@@ -75,16 +83,17 @@ def test_loss_is_exact_mean_over_real_examples():
 def test_gradient_accumulation_matches_one_batch():
     examples = random_examples(7)
     batch = make_batch(examples, pad_to=8)
+    micro_batches = make_batch(examples, pad_to=8, micro_batches=4)  # each micro-batch packed on its own
     state_a, step_a, mesh, _ = build()
     state_b, step_b, _, _ = build(accum=4)
     new_a, metrics_a = step_a(state_a, global_batch(batch, mesh))
-    new_b, metrics_b = step_b(state_b, global_batch(batch, mesh))
+    new_b, metrics_b = step_b(state_b, global_batch(micro_batches, mesh))
     np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_a["grad_norm"], metrics_b["grad_norm"], rtol=1e-4)
     # The gradients themselves agree to float noise...
     _, _, _, reward_fn = build()
-    grads = [make_gradient_step(reward_fn, LossConfig(), grad_accum_steps=accum)(state_a, batch)[0]
-             for accum in (1, 4)]
+    grads = [make_gradient_step(reward_fn, LossConfig(), grad_accum_steps=accum)(state_a, accum_batch)[0]
+             for accum, accum_batch in ((1, batch), (4, micro_batches))]
     scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(grads[0]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale), *grads)
     # ...and so do the updates: Adam normalises the first one to about ±lr = 1e-2 per element, and an
@@ -129,10 +138,12 @@ MESHES = [None, MeshConfig(data=8), MeshConfig(data=4, fsdp=2), MeshConfig(data=
 def test_every_mesh_gives_the_same_losses():
     assert jax.device_count() == 8, "tests run with 8 virtual CPU devices (tests/conftest.py)"
     examples = random_examples(40, seed=3)
-    batches = [make_batch(examples[i * 8:(i + 1) * 8]) for i in range(5)]
     trajectories = []
     for mesh_config in MESHES:
         state, step, mesh, _ = build(mesh_config)
+        # Each mesh packs the batches for its own number of batch shards: other rows, the same losses.
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        batches = [make_batch(examples[i * 8:(i + 1) * 8], row_shards=shards) for i in range(5)]
         losses_seen = []
         for batch in batches:
             state, metrics = step(state, global_batch(batch, mesh))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grain
 
-from jaxrm.data.batching import BatchPlan, Collator
+from jaxrm.data.batching import SEQUENCES_PER_ROW, BatchPlan, Collator
 from jaxrm.data.tokenize import TokenizedExample
 
 
@@ -24,7 +24,10 @@ def training_batches(
     seed: int,
     buckets: Sequence[int],
     pad_id: int,
-    length_group_batches: int = 16,
+    length_group_batches: int = 0,
+    sequences_per_row: int = SEQUENCES_PER_ROW,
+    micro_batches: int = 1,
+    row_shards: int = 1,
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 4,
@@ -36,8 +39,9 @@ def training_batches(
     """
     if batch_size % process_count:
         raise ValueError(f"train.batch_size ({batch_size}) must divide by the number of processes ({process_count})")
-    collator = Collator(examples, buckets=buckets, pad_id=pad_id,
-                        process_index=process_index, process_count=process_count)
+    collator = Collator(examples, buckets=buckets, pad_id=pad_id, sequences_per_row=sequences_per_row,
+                        micro_batches=micro_batches, row_shards=row_shards, process_index=process_index,
+                        process_count=process_count)
     plan = BatchPlan(collator.lengths, batch_size=batch_size, seed=seed, length_group_batches=length_group_batches)
     dataset = grain.MapDataset.range(0, sys.maxsize).map(lambda index: collator(plan(index)))
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)

@@ -6,9 +6,10 @@ bidirectional attention over the real tokens, and the GELU flavour the config's 
 The pooler (dense + tanh on the first token) is not part of the backbone: `jaxrm.models.RewardModel` keeps
 it in the reward head, where ``BertForSequenceClassification`` uses it.
 
-Positions of real tokens come from the padding mask (``cumsum(mask) - 1``), so a right-padded batch
+Positions of real tokens count from the first real token of their sequence, so a right-padded batch
 matches transformers exactly and a left-padded one gives the same hidden states for its real tokens
-(transformers would shift the positions of a left-padded sequence). Dropout is not applied: the backbone is
+(transformers would shift the positions of a left-padded sequence); packed rows (several sequences per
+row, told apart by segment ids) give each sequence what it would get alone. Dropout is not applied: the backbone is
 deterministic, as in transformers' eval mode.
 """
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, logical_axes
+from jaxrm.models.layers import Dense, attention, logical_axes, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"
@@ -225,23 +226,30 @@ class BertBackbone(nnx.Module):
                  positions: jax.Array | None = None) -> jax.Array:
         """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
 
-        With ``positions`` (int [B]), returns only the hidden state at ``positions[b]`` of each row, [B, H]:
-        the last layer then computes its queries, attention output and feed-forward block for that one
-        row instead of all T (a reward model reads one pooled token; this is ~1/6 of MiniLM's compute).
+        ``attention_mask`` may also hold segment ids of packed rows (0 = padding, j ≥ 1 = the j-th sequence
+        of the row; see `jaxrm.models.layers.positions_in_segment`): each sequence then attends only to
+        itself and counts its positions from 0, exactly as if it had a row of its own.
+
+        With ``positions`` (int [B] or [B, Q]), returns only the hidden states at those columns of each row,
+        [B, H] or [B, Q, H]: the last layer then computes its queries, attention output and feed-forward
+        block for those tokens instead of all T (a reward model reads one pooled token per sequence; this
+        is ~1/6 of MiniLM's compute).
         """
         input_ids = jnp.asarray(input_ids)
-        token_mask = jnp.asarray(attention_mask).astype(bool)
+        segment_ids = jnp.asarray(attention_mask).astype(jnp.int32)
         if input_ids.shape[-1] > self.spec.max_position_embeddings:
             raise ValueError(
                 f"Sequences of {input_ids.shape[-1]} tokens exceed the model's "
                 f"{self.spec.max_position_embeddings} position embeddings; truncate them."
             )
-        # Real tokens count from 0 whatever the padding side; pad tokens keep their index, which is what
-        # transformers gives every token, so right-padded batches match it at pad positions as well.
-        position_ids = jnp.where(token_mask, jnp.cumsum(token_mask, axis=-1) - 1, jnp.arange(input_ids.shape[-1]))
-        # Every query attends to all real keys (transformers' padding mask); a row with no real token
-        # falls back to uniform attention, which stays finite.
-        mask = token_mask[:, None, None, :]
+        # Real tokens count from 0 within their sequence whatever the padding side; pad tokens keep their
+        # index, which is what transformers gives every token, so right-padded batches match it at pad
+        # positions as well.
+        position_ids = jnp.where(segment_ids != 0, positions_in_segment(segment_ids),
+                                 jnp.arange(input_ids.shape[-1]))
+        # A query attends to the real keys of its own sequence (transformers' padding mask when a row
+        # holds one); a row with no real token falls back to uniform attention, which stays finite.
+        mask = segment_mask(segment_ids, segment_ids)
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
         hidden = self.embeddings(input_ids, position_ids)
@@ -251,5 +259,9 @@ class BertBackbone(nnx.Module):
             return hidden
         for layer in self.layers[:-1]:
             hidden = run_layer(layer, hidden, mask)
-        selected = jnp.take_along_axis(hidden, positions[:, None, None], axis=1)
-        return run_layer(self.layers[-1], hidden, mask, selected)[:, 0]
+        columns = jnp.asarray(positions)
+        columns = columns[:, None] if columns.ndim == 1 else columns
+        selected = jnp.take_along_axis(hidden, columns[..., None], axis=1)
+        query_mask = segment_mask(jnp.take_along_axis(segment_ids, columns, axis=1), segment_ids)
+        out = run_layer(self.layers[-1], hidden, query_mask, selected)
+        return out[:, 0] if jnp.ndim(positions) == 1 else out

@@ -6,8 +6,10 @@ q/k/v biases (Qwen2, or ``attention_bias``), per-head q/k RMSNorm (Qwen3), and s
 (Mistral, or Qwen ``layer_types``). The output is the final-normed last hidden state, as transformers'
 ``LlamaModel(...).last_hidden_state``.
 
-Positions come from the padding mask (``cumsum(mask) - 1``), so left- and right-padded batches give the
-same hidden states for their real tokens. Pad tokens' outputs are meaningless and must be ignored.
+Positions count from the first real token of each sequence, so left- and right-padded batches give the
+same hidden states for their real tokens, and packed rows (several sequences per row, told apart by
+segment ids) give each sequence what it would get alone. Pad tokens' outputs are meaningless and must be
+ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, logical_axes
+from jaxrm.models.layers import Dense, attention, logical_axes, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_POOLING = "last"
@@ -237,20 +239,20 @@ def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array
     return layer(x, cos, sin, mask)
 
 
-def _attention_mask(token_mask: jax.Array, window: int | None) -> jax.Array:
-    """Boolean [B, 1, T, T] mask: causal, within the sliding window, and only onto real tokens.
+def _attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
+    """Boolean [B, 1, T, T] mask: causal, within the sliding window, and only onto real tokens of the
+    query's own sequence (`jaxrm.models.layers.segment_mask`; one sequence per row is a padding mask).
 
     Every query may also attend to itself, so a pad query with no real token before it (left padding)
     still has one allowed key and its softmax, and hence the gradient, stays finite.
     """
-    length = token_mask.shape[-1]
+    length = segment_ids.shape[-1]
     query_index = jnp.arange(length)[:, None]
     key_index = jnp.arange(length)[None, :]
     allowed = key_index <= query_index
     if window is not None:
         allowed &= key_index > query_index - window
-    allowed = (allowed[None] & token_mask[:, None, :]) | jnp.eye(length, dtype=bool)[None]
-    return allowed[:, None]
+    return (segment_mask(segment_ids, segment_ids) & allowed) | jnp.eye(length, dtype=bool)
 
 
 class DecoderBackbone(nnx.Module):
@@ -292,12 +294,17 @@ class DecoderBackbone(nnx.Module):
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H]."""
-        token_mask = jnp.asarray(attention_mask).astype(bool)
-        positions = jnp.maximum(jnp.cumsum(token_mask, axis=-1) - 1, 0)
+        """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
+
+        ``attention_mask`` may also hold segment ids of packed rows (0 = padding, j ≥ 1 = the j-th sequence
+        of the row): each sequence then attends only to itself and counts its positions from 0.
+        """
+        segment_ids = jnp.asarray(attention_mask).astype(jnp.int32)
+        # Real tokens count from 0 within their sequence whatever the padding side.
+        positions = jnp.where(segment_ids != 0, positions_in_segment(segment_ids), 0)
         angles = positions[..., None].astype(jnp.float32) * self.spec.rope.inverse_frequencies(self.spec.head_dim)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        masks = {window: _attention_mask(token_mask, window) for window in set(self.spec.sliding_windows)}
+        masks = {window: _attention_mask(segment_ids, window) for window in set(self.spec.sliding_windows)}
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
         hidden = self.embed_tokens(jnp.asarray(input_ids)).astype(self.dtype)

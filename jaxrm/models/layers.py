@@ -47,6 +47,29 @@ def logical_axes(*names: str | None) -> dict:
 MASKED_SCORE = -1e30
 
 
+# Packed rows. A row of ``segment_ids`` [R, T] holds several sequences side by side: 0 marks padding and
+# j ≥ 1 the j-th sequence of the row, each a contiguous run of tokens. A 0/1 padding mask is the case of one
+# sequence per row (left or right padded). Sequences never see each other (a block-diagonal mask) and count
+# their positions from 0, so a packed row computes what one padded row per sequence would.
+
+
+def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
+    """Each token's index within its run of equal segment ids, int [R, T] (``index − start of the run``)."""
+    segment_ids = jnp.asarray(segment_ids)
+    index = jnp.arange(segment_ids.shape[-1])
+    first = jnp.ones_like(segment_ids[..., :1], dtype=bool)
+    starts = jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+def segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """Boolean [R, 1, Q, S]: a query reads the real keys of its own sequence; a padding query (segment 0)
+    reads every real key of its row (what a padding mask alone gives, so one-sequence rows are unchanged)."""
+    query = jnp.asarray(query_segments)[:, :, None]
+    key = jnp.asarray(key_segments)[:, None, :]
+    return ((key != 0) & ((query == key) | (query == 0)))[:, None]
+
+
 def _accumulate(lhs: jax.Array, rhs: jax.Array, contracting: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
     return jax.lax.dot_general(lhs, rhs, (contracting, ((), ())), preferred_element_type=jnp.float32)
 

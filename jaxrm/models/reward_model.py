@@ -61,14 +61,24 @@ _TOKENIZER_FILES = (
 _MAX_LISTED_KEYS = 12
 
 
-def pooled_positions(attention_mask: jax.Array, pooling: str) -> jax.Array:
-    """Each row's last (``"last"``) or first (``"first"``) position where the mask is 1, int [B]."""
-    mask = jnp.asarray(attention_mask).astype(bool)
+def pooled_positions(attention_mask: jax.Array, pooling: str, num_segments: int | None = None) -> jax.Array:
+    """Each row's last (``"last"``) or first (``"first"``) position where the mask is 1, int [B].
+
+    With ``num_segments`` = M, ``attention_mask`` holds segment ids of packed rows (0 = padding, j ≥ 1 = the
+    j-th sequence of the row) and the result is int [B, M]: the pooled position of sequences 1 … M of each
+    row (0 for a sequence the row does not hold).
+    """
+    segment_ids = jnp.asarray(attention_mask).astype(jnp.int32)
+    wanted = jnp.arange(1, 1 + (num_segments or 1))
+    members = segment_ids[:, None, :] == wanted[None, :, None]  # [B, M, T]
     if pooling == "last":
-        return mask.shape[-1] - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-    if pooling == "first":
-        return jnp.argmax(mask, axis=-1)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        positions = members.shape[-1] - 1 - jnp.argmax(members[..., ::-1], axis=-1)
+        positions = jnp.where(jnp.any(members, axis=-1), positions, 0)
+    elif pooling == "first":
+        positions = jnp.argmax(members, axis=-1)
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    return positions[:, 0] if num_segments is None else positions
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
@@ -239,13 +249,29 @@ class RewardModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Rewards [B] (or [B, num_objectives] when num_objectives > 1), float32, for token ids and mask [B, T]."""
+        rewards = self.packed_rewards(input_ids, attention_mask, 1)
+        return rewards[:, 0]
+
+    def packed_rewards(self, input_ids: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+        """Rewards of packed rows: [B, M] (or [B, M, num_objectives]), float32, for M = ``num_segments``.
+
+        Row b of ``input_ids`` [B, T] holds up to M sequences side by side, marked in ``segment_ids`` [B, T]
+        (0 = padding, j ≥ 1 = the j-th sequence); entry [b, j − 1] is the reward of sequence j, exactly what
+        `__call__` gives that sequence in a row of its own (entries of absent sequences are meaningless).
+        Sequences attend only to themselves (a block-diagonal mask) and count positions from 0.
+
+        Example:
+          >>> # Two sequences of 3 and 2 tokens in one row: ids [a b c d e], segments [1 1 1 2 2].
+          >>> # rm.packed_rewards(ids, segments, 2)[0] == [rm(abc), rm(de)] (up to rounding)
+        """
+        positions = pooled_positions(segment_ids, self.pooling, num_segments)
         if getattr(self.backbone, "selects_positions", False):
-            # Only the pooled row is computed in the last layer: the same rewards, less work.
-            pooled = self.backbone(input_ids, attention_mask, pooled_positions(attention_mask, self.pooling))
+            # Only the pooled rows are computed in the last layer: the same rewards, less work.
+            pooled = self.backbone(input_ids, segment_ids, positions)
         else:
-            pooled = pool(self.backbone(input_ids, attention_mask), attention_mask, self.pooling)
+            pooled = jnp.take_along_axis(self.backbone(input_ids, segment_ids), positions[..., None], axis=1)
         rewards = self.head(pooled)
-        return rewards[:, 0] if self.num_objectives == 1 else rewards
+        return rewards[..., 0] if self.num_objectives == 1 else rewards
 
     @classmethod
     def from_config(

@@ -118,7 +118,8 @@ def check_data_fits_loss(examples, config: Config) -> None:
 
 def evaluate_params(reward_step, params, examples, config: Config, buckets, pad_id, mesh):
     rewards = score_examples(reward_step, params, examples, batch_size=config.train.batch_size,
-                             buckets=buckets, pad_id=pad_id, mesh=mesh)
+                             buckets=buckets, pad_id=pad_id, mesh=mesh,
+                             sequences_per_row=config.data.sequences_per_row)
     return rewards, preference_metrics(rewards, examples, config.loss)
 
 
@@ -154,7 +155,8 @@ def train(config: Config) -> dict:
     batches, plan = training_batches(
         train_examples, batch_size=config.train.batch_size, seed=config.train.seed, buckets=buckets,
         pad_id=tokenizer.pad_token_id, length_group_batches=config.data.length_group_batches,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        sequences_per_row=config.data.sequences_per_row, micro_batches=config.train.grad_accum_steps,
+        row_shards=mesh.shape["data"] * mesh.shape["fsdp"], process_index=jax.process_index(), process_count=jax.process_count(),
     )
     resumed_from = checkpointer.latest_step()
     skipped = {"steps": 0, "records": 0}
@@ -309,7 +311,7 @@ class _LogWindow:
 
     def add(self, local_batch, metrics: dict) -> None:
         examples = int(local_batch.example_mask.sum()) * jax.process_count()
-        tokens = int(local_batch.attention_mask[local_batch.example_mask].sum()) * jax.process_count()
+        tokens = local_batch.num_tokens * jax.process_count()
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
         self.steps += 1

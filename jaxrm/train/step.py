@@ -109,16 +109,20 @@ def batch_objective(rewards: jax.Array, batch: Batch, config: LossConfig, num_re
 
 @dataclasses.dataclass(frozen=True)
 class RewardFunction:
-    """A model split into its static graph and non-parameter state: ``rewards(params, batch) → [B, K]``."""
+    """A model split into its static graph and non-parameter state: ``reward_fn(params, batch) → [B, K]``.
+
+    The model scores every sequence slot of the batch's packed rows (`RewardModel.packed_rewards`), and
+    ``batch.sequence_index`` picks each response's reward out of them.
+    """
 
     graphdef: nnx.GraphDef
     rest: nnx.State
 
-    def __call__(self, params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, params: nnx.State, batch: Batch) -> jax.Array:
         model = nnx.merge(self.graphdef, params, self.rest)
-        num, list_size, length = input_ids.shape
-        rewards = model(input_ids.reshape(num * list_size, length), attention_mask.reshape(num * list_size, length))
-        return rewards.reshape(num, list_size, *rewards.shape[1:]).astype(jnp.float32)
+        slots = model.packed_rewards(batch.input_ids, batch.segment_ids, batch.max_segments)
+        slots = slots.reshape(-1, *slots.shape[2:]).astype(jnp.float32)
+        return jnp.take(slots, batch.sequence_index, axis=0)
 
 
 def split_model(model: nnx.Module) -> tuple[RewardFunction, nnx.State]:
@@ -136,7 +140,7 @@ def make_gradient_step(reward_fn: RewardFunction, loss_config: LossConfig, *, gr
     """``gradient_step(state, batch) -> (grads, metrics)``: the objective's gradient and the batch metrics."""
 
     def objective(params, batch, num_real, step):
-        rewards = reward_fn(params, batch.input_ids, batch.attention_mask)
+        rewards = reward_fn(params, batch)
         batch = with_online_margin(rewards, batch, loss_config, step)
         value, _ = batch_objective(rewards, batch, loss_config, num_real)
         return value, (rewards, batch.margin)
@@ -198,8 +202,8 @@ def make_update_step(optimizer: optax.GradientTransformation
 class TrainStep:
     """``train_step(state, batch) -> (state, metrics)``: `make_gradient_step` then `make_update_step`.
 
-    `jit_train_step` jits the two apart: the gradient step compiles once per batch shape (length
-    bucket), the optimizer update once for the run, so a new bucket recompiles only the model's forward
+    `jit_train_step` jits the two apart: the gradient step compiles once per batch shape (row count and
+    length bucket), the optimizer update once for the run, so a new bucket recompiles only the model's forward
     and backward pass (for MiniLM on 2 CPU cores ~5 s instead of ~11 s for the whole step).
     """
 
@@ -232,5 +236,5 @@ def jit_train_step(reward_fn: RewardFunction, optimizer: optax.GradientTransform
 
 
 def make_reward_step(reward_fn: RewardFunction) -> Callable[[nnx.State, Batch], jax.Array]:
-    """``rewards(params, batch) -> [B, K]`` for evaluation and scoring."""
-    return lambda params, batch: reward_fn(params, batch.input_ids, batch.attention_mask)
+    """``rewards(params, batch) -> [B, K]`` for evaluation and scoring (a plain function, for `jax.jit`)."""
+    return lambda params, batch: reward_fn(params, batch)
