@@ -173,10 +173,11 @@ def jaxrm_results(workdir: Path, warm_steps: int, batch_size: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in rows if r["split"] == "train" and r["step"] > warm_steps]
-    # Each logged window holds its own rates over its own steps (every batch here holds batch_size real
-    # pairs: the runs are shorter than an epoch); its seconds are its pairs over its pairs/s.
+    # Each logged window holds its own rates over its own steps and its mean real pairs per step
+    # (batch_size, or one less in the few batches that share the padding of an epoch's end); its seconds
+    # are its pairs over its pairs/s.
     starts = [warm_steps] + [r["step"] for r in windows[:-1]]
-    pairs = [batch_size * (r["step"] - start) for r, start in zip(windows, starts)]
+    pairs = [r["examples"] * (r["step"] - start) for r, start in zip(windows, starts)]
     seconds = [p / r["examples_per_s"] for p, r in zip(pairs, windows)]
     tokens = [s * r["tokens_per_s"] for s, r in zip(seconds, windows)]
     return {

@@ -48,7 +48,8 @@ def score_examples(reward_step: Callable, params, examples: Sequence[TokenizedEx
                         row_shards=mesh.shape["data"] * mesh.shape["fsdp"],
                         process_index=jax.process_index(), process_count=jax.process_count())
     rewards = np.full((len(examples), collator.list_size), np.nan, np.float32)
-    for indices in sequential_batches(collator.lengths, batch_size, by_length=sequences_per_row == 1):
+    tokens = collator.tokens if sequences_per_row > 1 else None
+    for indices in sequential_batches(collator.lengths, batch_size, tokens=tokens):
         batch_rewards = np.asarray(jax.device_get(reward_step(params, global_batch(collator(indices), mesh))))
         real = indices >= 0
         rewards[indices[real]] = batch_rewards[real]

@@ -6,6 +6,7 @@ import pytest
 from jaxrm.data.batching import (
     BatchPlan,
     Collator,
+    balanced_batches,
     bucket_length,
     collate,
     default_buckets,
@@ -109,10 +110,10 @@ def test_process_rows_share_the_global_packing():
     np.testing.assert_array_equal(np.concatenate([p.sequence_index for p in parts]), whole.sequence_index)
 
 
-@pytest.mark.parametrize("group", [0, 4])
-def test_plan_is_an_epoch_permutation_with_padding(group):
+@pytest.mark.parametrize("group, balance", [(0, 0), (4, 0), (0, 4)])
+def test_plan_is_an_epoch_permutation_with_padding(group, balance):
     lengths = np.random.default_rng(0).integers(1, 100, size=103)
-    plan = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group)
+    plan = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group, balance_group_batches=balance)
     assert plan.batches_per_epoch == 13
     for epoch in range(2):
         indices = np.concatenate([plan(epoch * 13 + i) for i in range(13)])
@@ -120,7 +121,7 @@ def test_plan_is_an_epoch_permutation_with_padding(group):
         assert sorted(real.tolist()) == list(range(103))  # every example once: none dropped, none repeated
         assert (indices < 0).sum() == 1
     assert not np.array_equal(plan(0), plan(13))  # a new order every epoch
-    again = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group)
+    again = BatchPlan(lengths, batch_size=8, seed=3, length_group_batches=group, balance_group_batches=balance)
     np.testing.assert_array_equal(plan(5), again(5))
 
 
@@ -139,6 +140,32 @@ def test_length_grouping_reduces_padding():
     grouped = padded_tokens(BatchPlan(lengths, batch_size=16, seed=0, length_group_batches=16))
     assert grouped < 0.75 * plain
     assert lengths.sum() / grouped > 0.8
+
+
+def test_balanced_batches_equalise_tokens_and_spread_padding():
+    tokens = np.random.default_rng(2).integers(20, 500, size=203)
+    batches = balanced_batches(np.arange(203), tokens, 16)
+    assert batches.shape == (13, 16)
+    real = batches[batches >= 0]
+    assert sorted(real.tolist()) == list(range(203))
+    assert set((batches >= 0).sum(axis=1).tolist()) == {15, 16}  # the 5 padding slots are spread
+    totals = np.array([tokens[b[b >= 0]].sum() for b in batches])
+    assert totals.max() - totals.min() <= tokens.max()  # vs. ~3000 apart for random batches of 16
+    shuffled = np.random.default_rng(0).permutation(203)[: 13 * 15].reshape(13, 15)
+    assert np.ptp(totals) < 0.25 * np.ptp(tokens[shuffled].sum(axis=1))
+
+
+def test_balanced_plan_keeps_the_row_count_steady():
+    rng = np.random.default_rng(3)
+    examples = [make_example(rng.integers(20, 250, size=2)) for _ in range(300)]
+    collator = Collator(examples, buckets=[256], pad_id=0)
+    rows = {}
+    for balance in (0, 16):
+        plan = BatchPlan(collator.lengths, batch_size=16, seed=0, tokens=collator.tokens, balance_group_batches=balance)
+        rows[balance] = {collator(plan(i)).input_ids.shape[0] for i in range(plan.batches_per_epoch)}
+    assert len(rows[16]) <= 2 < len(rows[0])
+    with pytest.raises(ValueError, match="not both"):
+        BatchPlan(collator.lengths, batch_size=16, seed=0, length_group_batches=4, balance_group_batches=4)
 
 
 def test_sequential_batches_cover_everything_once():

@@ -21,6 +21,7 @@ position of a run is just the index of the next batch, and every process compute
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -196,22 +197,32 @@ def collate(
 
 
 class BatchPlan:
-    """Which examples make global batch ``i``: seeded, epoch by epoch, optionally grouped by length.
+    """Which examples make global batch ``i``: seeded, epoch by epoch, optionally grouped.
 
     Each epoch is a fresh permutation (seeded by ``(seed, epoch)``) of every example, cut into
-    ``ceil(N / batch_size)`` batches, the last one padded with ``-1`` (masked) slots. With
-    ``length_group_batches = G > 0`` the permutation is cut into groups of ``G`` batches, sorted by
-    length inside each group, and the batches of the epoch are shuffled again: batches hold similar
-    lengths (little padding) while every example is still seen exactly once per epoch.
+    ``ceil(N / batch_size)`` batches, the last one padded with ``-1`` (masked) slots. Two ways to shape
+    the batches, each over groups of ``G`` batches of the permutation, whose batches are then shuffled
+    again (every example is still seen exactly once per epoch):
+
+    - ``balance_group_batches = G``: the group's examples are dealt (`balanced_batches`) so that its
+      batches hold nearly the same number of tokens — packed rows then need the same row count batch after
+      batch (one or two shapes to compile, few empty rows);
+    - ``length_group_batches = G``: the group is sorted by length, so batches hold similar lengths (little
+      padding with one sequence per row).
     """
 
-    def __init__(self, lengths: Sequence[int], *, batch_size: int, seed: int, length_group_batches: int = 0):
+    def __init__(self, lengths: Sequence[int], *, batch_size: int, seed: int, length_group_batches: int = 0,
+                 tokens: Sequence[int] | None = None, balance_group_batches: int = 0):
         if len(lengths) == 0:
             raise ValueError("no examples to batch")
+        if length_group_batches > 0 and balance_group_batches > 0:
+            raise ValueError("group batches by length or balance their tokens, not both")
         self.lengths = np.asarray(lengths)
+        self.tokens = np.asarray(tokens if tokens is not None else lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.length_group_batches = length_group_batches
+        self.balance_group_batches = balance_group_batches
         self.batches_per_epoch = -(-len(self.lengths) // batch_size)
 
     def __call__(self, index: int) -> np.ndarray:
@@ -223,25 +234,52 @@ class BatchPlan:
     def _epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
-        if self.length_group_batches > 0:
-            group = self.length_group_batches * self.batch_size
-            order = np.concatenate([
-                chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                for chunk in np.split(order, range(group, len(order), group))
-            ])
+        group_batches = self.length_group_batches or self.balance_group_batches
+        if group_batches > 0:
+            chunks = np.split(order, range(group_batches * self.batch_size, len(order), group_batches * self.batch_size))
+            if self.balance_group_batches > 0:
+                batches = np.concatenate([balanced_batches(chunk, self.tokens, self.batch_size) for chunk in chunks])
+                return batches[rng.permutation(self.batches_per_epoch)]
+            order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")] for chunk in chunks])
         padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
         padded[: len(order)] = order
         batches = padded.reshape(self.batches_per_epoch, self.batch_size)
-        if self.length_group_batches > 0:
+        if group_batches > 0:
             batches = batches[rng.permutation(self.batches_per_epoch)]
         return batches
 
 
-def sequential_batches(lengths: Sequence[int], batch_size: int, *, by_length: bool = True) -> list[np.ndarray]:
-    """Every example exactly once (eval and scoring: order does not matter there), sorted by length when
-    ``by_length`` (least padding with one sequence per row), else in data order (packed rows: similar
-    batches, hence few distinct shapes to compile)."""
-    order = np.argsort(np.asarray(lengths), kind="stable") if by_length else np.arange(len(lengths))
+def balanced_batches(indices: np.ndarray, tokens: np.ndarray, batch_size: int) -> np.ndarray:
+    """Deals ``indices`` into ``ceil(n / batch_size)`` batches, int64 ``[num, batch_size]`` (−1 = padding).
+
+    Largest first, each example goes to the batch with the fewest tokens so far that has a free slot, so
+    the batches' token totals come out nearly equal (within about one example's tokens). When ``n`` does
+    not fill them, the padding slots are spread (batch sizes differ by at most one), so that even then
+    every batch holds about the same number of tokens.
+    """
+    indices = np.asarray(indices)
+    num = -(-len(indices) // batch_size)
+    batches = np.full((num, batch_size), -1, np.int64)
+    room = [len(indices) // num + (b < len(indices) % num) for b in range(num)]
+    filled = [0] * num
+    heap = [(0, b) for b in range(num)]
+    for i in indices[np.argsort(-tokens[indices], kind="stable")]:
+        total, b = heapq.heappop(heap)
+        batches[b, filled[b]] = i
+        filled[b] += 1
+        if filled[b] < room[b]:
+            heapq.heappush(heap, (total + int(tokens[i]), b))
+    return batches
+
+
+def sequential_batches(lengths: Sequence[int], batch_size: int, *, tokens: Sequence[int] | None = None
+                       ) -> list[np.ndarray]:
+    """Every example exactly once (eval and scoring: order does not matter there): sorted by length (least
+    padding with one sequence per row), or, given ``tokens``, dealt into batches of nearly equal token
+    totals (`balanced_batches`: packed rows of the same shape batch after batch)."""
+    if tokens is not None:
+        return list(balanced_batches(np.arange(len(lengths)), np.asarray(tokens), batch_size))
+    order = np.argsort(np.asarray(lengths), kind="stable")
     num_batches = -(-len(order) // batch_size)
     padded = np.full(num_batches * batch_size, -1, np.int64)
     padded[: len(order)] = order
@@ -270,6 +308,7 @@ class Collator:
         self.pad_id = pad_id
         self.list_size = list_size or max(len(example.sequences) for example in examples)
         self.lengths = np.array([example_length(example) for example in examples])
+        self.tokens = np.array([sum(len(sequence) for sequence in example.sequences) for example in examples])
         self.options = dict(sequences_per_row=sequences_per_row, micro_batches=micro_batches, row_shards=row_shards,
                             process_index=process_index, process_count=process_count)
 

@@ -25,6 +25,7 @@ def training_batches(
     buckets: Sequence[int],
     pad_id: int,
     length_group_batches: int = 0,
+    balance_group_batches: int = 0,
     sequences_per_row: int = SEQUENCES_PER_ROW,
     micro_batches: int = 1,
     row_shards: int = 1,
@@ -42,7 +43,8 @@ def training_batches(
     collator = Collator(examples, buckets=buckets, pad_id=pad_id, sequences_per_row=sequences_per_row,
                         micro_batches=micro_batches, row_shards=row_shards, process_index=process_index,
                         process_count=process_count)
-    plan = BatchPlan(collator.lengths, batch_size=batch_size, seed=seed, length_group_batches=length_group_batches)
+    plan = BatchPlan(collator.lengths, batch_size=batch_size, seed=seed, length_group_batches=length_group_batches,
+                     tokens=collator.tokens, balance_group_batches=balance_group_batches)
     dataset = grain.MapDataset.range(0, sys.maxsize).map(lambda index: collator(plan(index)))
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
     return iter(dataset.to_iter_dataset(options)), plan

@@ -79,8 +79,12 @@ class DataConfig:
     #: Most sequences packed side by side into one row (block-diagonal attention, no padding between
     #: them); 1 puts each sequence in a right-padded row of its own.
     sequences_per_row: int = 8
-    #: Batch examples of similar length together (shuffled within groups of this many batches); less
-    #: padding with ``sequences_per_row: 1``, more distinct shapes with packing. 0: plain shuffle.
+    #: Deal the examples of each group of this many batches so that the batches hold nearly the same
+    #: number of tokens: packed rows then keep one row count (one or two shapes to compile, few empty
+    #: rows). 0: plain shuffle.
+    balance_group_batches: int = 16
+    #: Instead, batch examples of similar length together (sorted within groups of this many batches);
+    #: for ``sequences_per_row: 1`` (less padding). 0: off.
     length_group_batches: int = 0
     #: What to do with a record field jaxrm does not know: ``error``, ``warn`` or ``ignore``.
     unknown_fields: str = "error"
@@ -353,6 +357,8 @@ def _check_values(config: Config) -> None:
         raise ConfigError("set model.path (a local Hugging Face directory) or model.config (random initialisation)")
     if not 0.0 < config.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {config.data.eval_fraction}")
+    if config.data.length_group_batches > 0 and config.data.balance_group_batches > 0:
+        raise ConfigError("data.length_group_batches and data.balance_group_batches exclude each other; set one to 0")
     if config.data.buckets is not None and (
         not config.data.buckets or max(config.data.buckets) < config.data.max_length
     ):

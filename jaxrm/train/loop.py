@@ -155,6 +155,7 @@ def train(config: Config) -> dict:
     batches, plan = training_batches(
         train_examples, batch_size=config.train.batch_size, seed=config.train.seed, buckets=buckets,
         pad_id=tokenizer.pad_token_id, length_group_batches=config.data.length_group_batches,
+        balance_group_batches=config.data.balance_group_batches,
         sequences_per_row=config.data.sequences_per_row, micro_batches=config.train.grad_accum_steps,
         row_shards=mesh.shape["data"] * mesh.shape["fsdp"], process_index=jax.process_index(), process_count=jax.process_count(),
     )
