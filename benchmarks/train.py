@@ -124,7 +124,8 @@ def run_compilations(run_steps: int) -> dict | None:
     buckets = config.data.buckets or default_buckets(config.data.max_length)
     collator = Collator(examples, buckets=buckets, pad_id=0, sequences_per_row=config.data.sequences_per_row)
     plan = BatchPlan(collator.lengths, batch_size=config.train.batch_size, seed=config.train.seed,
-                     length_group_batches=config.data.length_group_batches)
+                     length_group_batches=config.data.length_group_batches, tokens=collator.tokens,
+                     balance_group_batches=config.data.balance_group_batches)
     shapes, real, padded = [], 0, 0
     for index in range(run_steps):
         batch = collator(plan(index))
@@ -132,7 +133,8 @@ def run_compilations(run_steps: int) -> dict | None:
         real += batch.num_tokens
         padded += batch.input_ids.size
     return {"steps": run_steps, "buckets": buckets, "compilations": len(set(shapes)),
-            "shapes_seen": [list(shape) for shape in sorted(set(shapes))], "padding_fraction": 1 - real / padded}
+            "shapes_seen": [list(shape) for shape in sorted(set(shapes))],
+            "padding_fraction": 1 - real / padded if padded else None}
 
 
 def measure(model_name: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:
@@ -250,7 +252,8 @@ def main(args: argparse.Namespace) -> dict:
             row = _in_subprocess(model, devices, args.batch, args.length, args.repeats, args.dtype)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"rows": rows, "compilations": run_compilations(args.run_steps) if "minilm" in args.models else None}
+    result = {"rows": rows,
+              "compilations": run_compilations(args.run_steps) if "minilm" in args.models and args.run_steps else None}
     write_result(result, args.out, markdown(result))
     print(markdown(result))
     return result

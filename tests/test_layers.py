@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, matmul, positions_in_segment, segment_mask
+from jaxrm.models.layers import Dense, attention, dense_together, matmul, positions_in_segment, segment_mask
 
 
 def _numpy_attention(query, key, value, mask, scale):
@@ -144,3 +144,23 @@ def test_positions_and_mask_of_packed_rows():
     np.testing.assert_array_equal(mask[0], [1, 1, 1, 0, 0, 0, 0])  # sequence 1 reads only itself
     np.testing.assert_array_equal(mask[3], [0, 0, 0, 1, 1, 0, 0])
     np.testing.assert_array_equal(mask[5], [1, 1, 1, 1, 1, 0, 0])  # a pad query reads every real key
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_together_equals_the_layers_one_by_one(dtype):
+    layers = [Dense(6, width, ("embed", "heads"), use_bias=bias, dtype=dtype, rngs=nnx.Rngs(i))
+              for i, (width, bias) in enumerate([(4, True), (2, False), (4, True)])]
+    for layer in layers:
+        if layer.bias is not None:
+            layer.bias[...] = jax.random.normal(jax.random.key(7), layer.bias.shape)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 6))
+
+    def loss(layers, fused):
+        outs = dense_together(x, *layers) if fused else [layer(x) for layer in layers]
+        return sum(jnp.sum(jnp.sin(out) * (i + 1)) for i, out in enumerate(outs))
+
+    for out, layer in zip(dense_together(x, *layers), layers):
+        np.testing.assert_allclose(out, layer(x), rtol=1e-6, atol=1e-6)
+    separate, fused = (nnx.grad(lambda ls, f=f: loss(ls, f))(nnx.List(layers)) for f in (False, True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), nnx.state(separate),
+                 nnx.state(fused))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, logical_axes, positions_in_segment, segment_mask
+from jaxrm.models.layers import Dense, attention, dense_together, logical_axes, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"
@@ -158,11 +158,15 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, queries: jax.Array | None = None) -> jax.Array:
         """Attention of ``queries`` [B, Q, H] (default: every position of ``x``) over ``x`` [B, T, H]."""
-        queries = x if queries is None else queries
         batch, length, hidden = x.shape
-        query = self.query(queries).reshape(batch, queries.shape[1], self.num_heads, self.head_dim)
-        key, value = (projection(x).reshape(batch, length, self.num_heads, self.head_dim)
-                      for projection in (self.key, self.value))
+        if queries is None:
+            queries = x
+            query, key, value = dense_together(x, self.query, self.key, self.value)
+        else:
+            query = self.query(queries)
+            key, value = dense_together(x, self.key, self.value)
+        query = query.reshape(batch, queries.shape[1], self.num_heads, self.head_dim)
+        key, value = (projection.reshape(batch, length, self.num_heads, self.head_dim) for projection in (key, value))
         attended = attention(query, key, value, mask, scale=self.head_dim**-0.5, dtype=self.dtype)
         return self.output(attended.reshape(batch, queries.shape[1], hidden))
 

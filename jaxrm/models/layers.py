@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,18 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = matmul(x, self.kernel[...], self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
+
+
+def dense_together(x: jax.Array, *layers: Dense) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` as one matrix product with the kernels side by side (e.g. query,
+    key and value): one larger product runs closer to the machine's peak than several small ones, in the
+    forward pass and in both backward products. The layers must share input size and compute dtype."""
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=-1)
+    out = matmul(x, kernel, layers[0].dtype)
+    widths = [layer.kernel.shape[-1] for layer in layers]
+    parts = jnp.split(out, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return [part if layer.bias is None else part + layer.bias[...].astype(jnp.float32)
+            for part, layer in zip(parts, layers)]
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *, scale: float,
