@@ -33,6 +33,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -209,6 +210,8 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
     schedule_warmup = max(1, steps // 10)
     counts = prepare(data, workdir, settings["max_length"])
     log(f"data: {counts}")
+    for previous in ("trl-run", "jaxrm-run"):  # a run directory left by an earlier benchmark would resume
+        shutil.rmtree(workdir / previous, ignore_errors=True)
     loads = {"start": _loadavg()}
     result = {"data": str(data), "counts": counts, "steps": steps, "settings": settings, "machine": _machine()}
     try:
