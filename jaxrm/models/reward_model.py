@@ -260,9 +260,11 @@ class RewardModel(nnx.Module):
         `__call__` gives that sequence in a row of its own (entries of absent sequences are meaningless).
         Sequences attend only to themselves (a block-diagonal mask) and count positions from 0.
 
-        Example:
-          >>> # Two sequences of 3 and 2 tokens in one row: ids [a b c d e], segments [1 1 1 2 2].
-          >>> # rm.packed_rewards(ids, segments, 2)[0] == [rm(abc), rm(de)] (up to rounding)
+        Example (two sequences, ``5 6 7`` and ``8 9``, side by side in one row)::
+
+            ids = jnp.array([[5, 6, 7, 8, 9, 0]])
+            segments = jnp.array([[1, 1, 1, 2, 2, 0]])
+            rm.packed_rewards(ids, segments, 2)  # ≈ [[rm([[5, 6, 7]], [[1, 1, 1]])[0], rm([[8, 9]], [[1, 1]])[0]]]
         """
         positions = pooled_positions(segment_ids, self.pooling, num_segments)
         if getattr(self.backbone, "selects_positions", False):
