@@ -234,19 +234,17 @@ class BatchPlan:
     def _epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
-        group_batches = self.length_group_batches or self.balance_group_batches
-        if group_batches > 0:
-            chunks = np.split(order, range(group_batches * self.batch_size, len(order), group_batches * self.batch_size))
-            if self.balance_group_batches > 0:
-                batches = np.concatenate([balanced_batches(chunk, self.tokens, self.batch_size) for chunk in chunks])
-                return batches[rng.permutation(self.batches_per_epoch)]
-            order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")] for chunk in chunks])
-        padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
-        padded[: len(order)] = order
-        batches = padded.reshape(self.batches_per_epoch, self.batch_size)
-        if group_batches > 0:
-            batches = batches[rng.permutation(self.batches_per_epoch)]
-        return batches
+        group = (self.length_group_batches or self.balance_group_batches) * self.batch_size
+        chunks = np.split(order, range(group, len(order), group)) if group else []
+        if self.balance_group_batches > 0:
+            batches = np.concatenate([balanced_batches(chunk, self.tokens, self.batch_size) for chunk in chunks])
+        else:
+            if self.length_group_batches > 0:
+                order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")] for chunk in chunks])
+            padded = np.full(self.batches_per_epoch * self.batch_size, -1, np.int64)
+            padded[: len(order)] = order
+            batches = padded.reshape(self.batches_per_epoch, self.batch_size)
+        return batches[rng.permutation(self.batches_per_epoch)] if group else batches
 
 
 def balanced_batches(indices: np.ndarray, tokens: np.ndarray, batch_size: int) -> np.ndarray:

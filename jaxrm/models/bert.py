@@ -234,8 +234,8 @@ class BertBackbone(nnx.Module):
         of the row; see `jaxrm.models.layers.positions_in_segment`): each sequence then attends only to
         itself and counts its positions from 0, exactly as if it had a row of its own.
 
-        With ``positions`` (int [B] or [B, Q]), returns only the hidden states at those columns of each row,
-        [B, H] or [B, Q, H]: the last layer then computes its queries, attention output and feed-forward
+        With ``positions`` (int [B, Q]), returns only the hidden states at those columns of each row,
+        [B, Q, H]: the last layer then computes its queries, attention output and feed-forward
         block for those tokens instead of all T (a reward model reads one pooled token per sequence; this
         is ~1/6 of MiniLM's compute).
         """
@@ -263,9 +263,6 @@ class BertBackbone(nnx.Module):
             return hidden
         for layer in self.layers[:-1]:
             hidden = run_layer(layer, hidden, mask)
-        columns = jnp.asarray(positions)
-        columns = columns[:, None] if columns.ndim == 1 else columns
-        selected = jnp.take_along_axis(hidden, columns[..., None], axis=1)
-        query_mask = segment_mask(jnp.take_along_axis(segment_ids, columns, axis=1), segment_ids)
-        out = run_layer(self.layers[-1], hidden, query_mask, selected)
-        return out[:, 0] if jnp.ndim(positions) == 1 else out
+        selected = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        query_mask = segment_mask(jnp.take_along_axis(segment_ids, positions, axis=1), segment_ids)
+        return run_layer(self.layers[-1], hidden, query_mask, selected)

@@ -125,16 +125,15 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel[...], self.dtype)
-        return y if self.bias is None else y + self.bias[...].astype(jnp.float32)
+        return dense_together(x, self)[0]
 
 
 def dense_together(x: jax.Array, *layers: Dense) -> list[jax.Array]:
     """``[layer(x) for layer in layers]`` as one matrix product with the kernels side by side (e.g. query,
     key and value): one larger product runs closer to the machine's peak than several small ones, in the
     forward pass and in both backward products. The layers must share input size and compute dtype."""
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=-1)
-    out = matmul(x, kernel, layers[0].dtype)
+    kernels = [layer.kernel[...] for layer in layers]
+    out = matmul(x, kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1), layers[0].dtype)
     widths = [layer.kernel.shape[-1] for layer in layers]
     parts = jnp.split(out, list(itertools.accumulate(widths))[:-1], axis=-1)
     return [part if layer.bias is None else part + layer.bias[...].astype(jnp.float32)
