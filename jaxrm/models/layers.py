@@ -148,6 +148,11 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     ``h // (N // K)``). ``mask`` is boolean, broadcastable to [B, N, T, S], True where a query may read a
     key; a query with no allowed key attends uniformly. Products run in ``dtype`` with float32
     accumulation; the softmax is float32. Same result as ``jax.nn.dot_product_attention``.
+
+    The products run heads-major: queries as [B, K, G·T, D] (the G query heads that share a key/value
+    head one after another, already multiplied by ``scale``), keys and values as [B, K, S, D]. Every
+    product is then a plain batched matrix product over (B, K), which XLA:CPU runs without the layout
+    copies a [B, T, K, G, D] formulation needs around each product (~15 % of attention's time).
     """
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[2]
@@ -160,46 +165,50 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
         bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
     else:
         bias = bias[:, :, None]  # [B, 1, 1, T|1, S]
-    grouped = query.reshape(batch, length, kv_heads, groups, head_dim).astype(dtype)
-    out = _grouped_attention(grouped, key.astype(dtype), value.astype(dtype), bias, scale, jnp.dtype(dtype))
-    return out.reshape(batch, length, heads, head_dim)
+    heads_major = lambda x: x.transpose(0, 2, 1, 3).astype(dtype)  # [B, S, K, D] → [B, K, S, D]
+    scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
+    scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
+    out = _heads_major_attention(scaled, heads_major(key), heads_major(value), bias, jnp.dtype(dtype))
+    return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(query.shape)
 
 
-# Index letters: b batch, t query, s key, k key/value head, g query head within the group, d head dim.
-def _probabilities(query, key, bias, scale):
-    scores = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32) * scale + bias
+# Index letters: b batch, k key/value head, q query (the G heads of a group times T positions), s key, d head dim.
+def _probabilities(query, key, bias):
+    batch, kv_heads, queries, _ = query.shape
+    groups = bias.shape[2] if bias.shape[2] > 1 else queries // bias.shape[3]
+    scores = jnp.einsum("bkqd,bksd->bkqs", query, key, preferred_element_type=jnp.float32)
+    scores = (scores.reshape(batch, kv_heads, groups, queries // groups, -1) + bias).reshape(scores.shape)
     scores = scores - jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores)
     return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def _attend(probabilities, value, dtype):
-    return jnp.einsum("bkgts,bskd->btkgd", probabilities.astype(dtype), value, preferred_element_type=jnp.float32)
+    return jnp.einsum("bkqs,bksd->bkqd", probabilities.astype(dtype), value, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_attention(query, key, value, bias, scale, dtype):
-    return _attend(_probabilities(query, key, bias, scale), value, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _heads_major_attention(query, key, value, bias, dtype):
+    return _attend(_probabilities(query, key, bias), value, dtype)
 
 
-def _grouped_attention_forward(query, key, value, bias, scale, dtype):
-    probabilities = _probabilities(query, key, bias, scale).astype(dtype)
+def _heads_major_attention_forward(query, key, value, bias, dtype):
+    probabilities = _probabilities(query, key, bias).astype(dtype)
     out = _attend(probabilities, value, dtype)
     return out, (query, key, value, probabilities, out)
 
 
-def _grouped_attention_backward(scale, dtype, residuals, out_grad):
+def _heads_major_attention_backward(dtype, residuals, out_grad):
     query, key, value, probabilities, out = residuals
     einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    value_grad = einsum("bkgts,btkgd->bskd", probabilities, out_grad.astype(dtype))
-    probabilities_grad = einsum("btkgd,bskd->bkgts", out_grad.astype(dtype), value)
+    value_grad = einsum("bkqs,bkqd->bksd", probabilities, out_grad.astype(dtype))
+    probabilities_grad = einsum("bkqd,bksd->bkqs", out_grad.astype(dtype), value)
     # Kept out of the fusion with the product below: fused, XLA:CPU recomputes the reduction per tile.
-    row_dot = jax.lax.optimization_barrier(jnp.einsum("btkgd,btkgd->bkgt", out_grad, out)[..., None])
-    scores_grad = (probabilities.astype(jnp.float32) * (probabilities_grad - row_dot) * scale).astype(dtype)
-    query_grad = einsum("bkgts,bskd->btkgd", scores_grad, key)
-    key_grad = einsum("bkgts,btkgd->bskd", scores_grad, query)
+    row_dot = jax.lax.optimization_barrier(jnp.einsum("bkqd,bkqd->bkq", out_grad, out)[..., None])
+    scores_grad = (probabilities.astype(jnp.float32) * (probabilities_grad - row_dot)).astype(dtype)
+    query_grad = einsum("bkqs,bksd->bkqd", scores_grad, key)
+    key_grad = einsum("bkqs,bkqd->bksd", scores_grad, query)
     return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
 
 
-_grouped_attention.defvjp(_grouped_attention_forward, _grouped_attention_backward)
-
+_heads_major_attention.defvjp(_heads_major_attention_forward, _heads_major_attention_backward)
