@@ -59,6 +59,8 @@ def test_train_and_peers_tables_render():
                          "accuracy_difference": 0.0},
               "floors": {"steady_state_2.5x": False}}
     assert "**3.00×**" in peers.markdown(result)
+    result.update(counts={"heldout": {"kept": 100}}, accuracy_standard_error=peers.accuracy_standard_error(0.5, 100))
+    assert "Standard error of one held-out accuracy: 0.0500 (100 pairs)" in peers.markdown(result)
 
 
 def test_peers_synthetic_stand_in_is_hh_shaped_and_read_as_pairs(tmp_path):
