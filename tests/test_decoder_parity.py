@@ -130,6 +130,23 @@ def test_last_hidden_state_matches_transformers(checkpoints, name, padding_side)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_selected_positions_equal_the_full_hidden_states_there(checkpoints, name):
+    """With ``positions`` the last layer computes only those rows: the same states as the full pass."""
+    checkpoint = checkpoints(name)
+    input_ids, mask = _batch(checkpoint.config.vocab_size, "right")
+    # Two packed sequences in the first row (ids 1 and 2), the other rows padded; positions mix the
+    # last token of each sequence, a first token and a padding column.
+    segments = mask.copy()
+    segments[0, 5:] = 2
+    positions = np.array([[4, 11, 0], [6, 2, 9], [2, 0, 11]])
+    backbone = _loaded_backbone(checkpoint)
+    full = np.asarray(backbone(jnp.asarray(input_ids), jnp.asarray(segments)))
+    selected = np.asarray(backbone(jnp.asarray(input_ids), jnp.asarray(segments), jnp.asarray(positions)))
+    assert selected.shape == (3, 3, checkpoint.config.hidden_size)
+    np.testing.assert_allclose(selected, np.take_along_axis(full, positions[..., None], axis=1), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_table_covers_checkpoint_and_module_exactly(checkpoints, name):
     checkpoint = checkpoints(name)
     table = param_table(checkpoint.config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,14 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+class Rows(NamedTuple):
+    """Hidden states of selected positions [B, Q, H] with their rotary cos/sin [B, Q, head_dim/2]."""
+
+    hidden: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, spec: DecoderSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
         common = dict(spec=spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -198,17 +207,23 @@ class Attention(nnx.Module):
         self.head_dim = spec.head_dim
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 queries: Rows | None = None) -> jax.Array:
+        """Attention of every position of ``x`` [B, T, H], or of the rows ``queries`` (hidden states
+        [B, Q, H] with their own cos/sin), over the keys and values of ``x``."""
         batch, length, _ = x.shape
-        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        if queries is None:
+            queries = Rows(x, cos, sin)
+        num_queries = queries.hidden.shape[1]
+        query = self.q_proj(queries.hidden).reshape(batch, num_queries, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        query, key = _rotate(query, queries.cos, queries.sin), _rotate(key, cos, sin)
         # Query head h reads key/value head h // (num_heads // num_kv_heads), as transformers' repeat_kv.
         attended = attention(query, key, value, mask, scale=self.head_dim**-0.5, dtype=self.dtype)
-        return self.o_proj(attended.reshape(batch, length, self.num_heads * self.head_dim))
+        return self.o_proj(attended.reshape(batch, num_queries, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -230,13 +245,21 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, **norm)
         self.mlp = MLP(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 queries: Rows | None = None) -> jax.Array:
+        """The layer's output at every position of ``x``, or only at the rows ``queries`` of it."""
+        normed = self.input_layernorm(x)
+        if queries is None:
+            x = x + self.self_attn(normed, cos, sin, mask)
+        else:
+            selected = Rows(self.input_layernorm(queries.hidden), queries.cos, queries.sin)
+            x = queries.hidden + self.self_attn(normed, cos, sin, mask, selected)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    return layer(x, cos, sin, mask)
+def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               queries: Rows | None = None) -> jax.Array:
+    return layer(x, cos, sin, mask, queries)
 
 
 def _attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
@@ -293,21 +316,38 @@ class DecoderBackbone(nnx.Module):
         )
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    #: `__call__` takes ``positions``: the reward model asks for its pooled rows only.
+    selects_positions = True
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
         """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
 
         ``attention_mask`` may also hold segment ids of packed rows (0 = padding, j ≥ 1 = the j-th sequence
         of the row): each sequence then attends only to itself and counts its positions from 0.
+
+        With ``positions`` (int [B, Q]), returns only the hidden states at those columns of each row,
+        [B, Q, H]: the last layer computes its queries, attention output and MLP for those tokens
+        instead of all T (a reward model reads one token per sequence; 1/L of the layers' compute).
         """
         segment_ids = jnp.asarray(attention_mask).astype(jnp.int32)
         # Real tokens count from 0 within their sequence whatever the padding side.
-        positions = jnp.where(segment_ids != 0, positions_in_segment(segment_ids), 0)
-        angles = positions[..., None].astype(jnp.float32) * self.spec.rope.inverse_frequencies(self.spec.head_dim)
+        token_positions = jnp.where(segment_ids != 0, positions_in_segment(segment_ids), 0)
+        angles = token_positions[..., None].astype(jnp.float32) * self.spec.rope.inverse_frequencies(self.spec.head_dim)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         masks = {window: _attention_mask(segment_ids, window) for window in set(self.spec.sliding_windows)}
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
         hidden = self.embed_tokens(jnp.asarray(input_ids)).astype(self.dtype)
-        for layer, window in zip(self.layers, self.spec.sliding_windows):
+        layers = list(zip(self.layers, self.spec.sliding_windows))
+        if positions is None:
+            for layer, window in layers:
+                hidden = run_layer(layer, hidden, cos, sin, masks[window])
+            return self.norm(hidden)
+        for layer, window in layers[:-1]:
             hidden = run_layer(layer, hidden, cos, sin, masks[window])
-        return self.norm(hidden)
+        layer, window = layers[-1]
+        take = lambda x: jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
+        queries = Rows(take(hidden), take(cos), take(sin))
+        query_mask = jnp.take_along_axis(masks[window], positions[:, None, :, None], axis=2)  # [B, 1, Q, T]
+        return self.norm(run_layer(layer, hidden, cos, sin, query_mask, queries))
