@@ -175,6 +175,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
 # Index letters: b batch, k key/value head, q query (the G heads of a group times T positions), s key, d head dim.
 def _probabilities(query, key, bias):
     batch, kv_heads, queries, _ = query.shape
+    # The bias is [B, K|1, G|1, T|1, S]: view the scores' query axis as (G, T) to add it. With G and T
+    # both broadcast (a [B, 1, 1, 1, S] bias), any split of the axis adds the same values.
     groups = bias.shape[2] if bias.shape[2] > 1 else queries // bias.shape[3]
     scores = jnp.einsum("bkqd,bksd->bkqs", query, key, preferred_element_type=jnp.float32)
     scores = (scores.reshape(batch, kv_heads, groups, queries // groups, -1) + bias).reshape(scores.shape)
