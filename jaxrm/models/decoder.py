@@ -15,6 +15,7 @@ ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -246,20 +247,26 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 queries: Rows | None = None) -> jax.Array:
-        """The layer's output at every position of ``x``, or only at the rows ``queries`` of it."""
+                 positions: jax.Array | None = None) -> jax.Array:
+        """The layer's output at every position of ``x``, or only at the columns ``positions`` [B, Q] of
+        each row (then ``mask`` holds those query rows only, [B, 1, Q, T])."""
         normed = self.input_layernorm(x)
-        if queries is None:
+        if positions is None:
             x = x + self.self_attn(normed, cos, sin, mask)
         else:
-            selected = Rows(self.input_layernorm(queries.hidden), queries.cos, queries.sin)
-            x = queries.hidden + self.self_attn(normed, cos, sin, mask, selected)
+            take = functools.partial(_take_rows, positions=positions)
+            x = take(x) + self.self_attn(normed, cos, sin, mask, Rows(take(normed), take(cos), take(sin)))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """``x[b, positions[b, q]]`` for x [B, T, ...] and positions [B, Q]: [B, Q, ...]."""
+    return jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
 def _run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               queries: Rows | None = None) -> jax.Array:
-    return layer(x, cos, sin, mask, queries)
+               positions: jax.Array | None = None) -> jax.Array:
+    return layer(x, cos, sin, mask, positions)
 
 
 def _attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
@@ -347,7 +354,5 @@ class DecoderBackbone(nnx.Module):
         for layer, window in layers[:-1]:
             hidden = run_layer(layer, hidden, cos, sin, masks[window])
         layer, window = layers[-1]
-        take = lambda x: jnp.take_along_axis(x, positions.reshape(*positions.shape, *(1,) * (x.ndim - 2)), axis=1)
-        queries = Rows(take(hidden), take(cos), take(sin))
         query_mask = jnp.take_along_axis(masks[window], positions[:, None, :, None], axis=2)  # [B, 1, Q, T]
-        return self.norm(run_layer(layer, hidden, cos, sin, query_mask, queries))
+        return self.norm(run_layer(layer, hidden, cos, sin, query_mask, positions))

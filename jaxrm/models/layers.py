@@ -168,17 +168,15 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     heads_major = lambda x: x.transpose(0, 2, 1, 3).astype(dtype)  # [B, S, K, D] → [B, K, S, D]
     scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
     scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
-    out = _heads_major_attention(scaled, heads_major(key), heads_major(value), bias, jnp.dtype(dtype))
+    out = _heads_major_attention(scaled, heads_major(key), heads_major(value), bias, groups, jnp.dtype(dtype))
     return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(query.shape)
 
 
 # Index letters: b batch, k key/value head, q query (the G heads of a group times T positions), s key, d head dim.
-def _probabilities(query, key, bias):
+def _probabilities(query, key, bias, groups):
     batch, kv_heads, queries, _ = query.shape
-    # The bias is [B, K|1, G|1, T|1, S]: view the scores' query axis as (G, T) to add it. With G and T
-    # both broadcast (a [B, 1, 1, 1, S] bias), any split of the axis adds the same values.
-    groups = bias.shape[2] if bias.shape[2] > 1 else queries // bias.shape[3]
     scores = jnp.einsum("bkqd,bksd->bkqs", query, key, preferred_element_type=jnp.float32)
+    # The bias is [B, K|1, G|1, T|1, S]: added to the scores with their query axis viewed as (G, T).
     scores = (scores.reshape(batch, kv_heads, groups, queries // groups, -1) + bias).reshape(scores.shape)
     scores = scores - jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores)
@@ -189,18 +187,18 @@ def _attend(probabilities, value, dtype):
     return jnp.einsum("bkqs,bksd->bkqd", probabilities.astype(dtype), value, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _heads_major_attention(query, key, value, bias, dtype):
-    return _attend(_probabilities(query, key, bias), value, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _heads_major_attention(query, key, value, bias, groups, dtype):
+    return _attend(_probabilities(query, key, bias, groups), value, dtype)
 
 
-def _heads_major_attention_forward(query, key, value, bias, dtype):
-    probabilities = _probabilities(query, key, bias).astype(dtype)
+def _heads_major_attention_forward(query, key, value, bias, groups, dtype):
+    probabilities = _probabilities(query, key, bias, groups).astype(dtype)
     out = _attend(probabilities, value, dtype)
     return out, (query, key, value, probabilities, out)
 
 
-def _heads_major_attention_backward(dtype, residuals, out_grad):
+def _heads_major_attention_backward(groups, dtype, residuals, out_grad):
     query, key, value, probabilities, out = residuals
     einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
     value_grad = einsum("bkqs,bkqd->bksd", probabilities, out_grad.astype(dtype))
