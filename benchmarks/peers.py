@@ -28,6 +28,13 @@ instead: 2,085 pairs of `jaxrm.data.synthetic` written as hh-style dialogues.
 Steady state is the rate over the steps after the first ``--warmup-steps`` (default 10): real pairs
 per second, and real (non-padding) tokens per second, as each side counts them. Without torch or TRL
 installed the TRL side is skipped and said so.
+
+Both sides run once per ``--seeds`` entry (default 0, 1, 2: TRL's ``seed``, jaxrm's ``train.seed``), TRL
+then jaxrm, on the same split. After 60 steps both models barely separate the pairs, so one run's
+accuracy moves by several points with the seed (and TRL's between identical runs): the accuracy
+compared is the mean over seeds, with the standard error of the difference from the spread over seeds.
+The speed ratios are medians over seeds of each seed's back-to-back ratio. ``--seeds 0`` runs each side
+once (~7 minutes instead of ~20).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "hh-harmless.jsonl.gz"
 CONFIG = REPO_ROOT / "configs" / "minilm-hh.yaml"
 HELDOUT_FRACTION = 0.3
+SEEDS = (0, 1, 2)
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -87,7 +95,8 @@ def prepare(data: Path, workdir: Path, max_length: int, seed: int = 0,
 # The TRL side (run as a subprocess: python -m benchmarks.peers --side trl ...)
 
 
-def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, threads: int, config: dict) -> dict:
+def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, threads: int, config: dict,
+            seed: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -118,10 +127,10 @@ def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, 
 
     clock = StepClock()
     args = RewardConfig(
-        output_dir=str(workdir / "trl-run"), per_device_train_batch_size=config["batch_size"], max_steps=steps,
+        output_dir=str(workdir / f"trl-run-{seed}"), per_device_train_batch_size=config["batch_size"], max_steps=steps,
         learning_rate=config["learning_rate"], warmup_steps=schedule_warmup, lr_scheduler_type="cosine",
         weight_decay=config["weight_decay"], max_length=config["max_length"], logging_steps=10,
-        save_strategy="no", eval_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
@@ -165,16 +174,15 @@ def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, 
 # The jaxrm side: the engine, through its command line.
 
 
-def jaxrm_command(workdir: Path, steps: int, warmup_steps: int, extra: list[str]) -> list[str]:
+def jaxrm_command(workdir: Path, steps: int, warmup_steps: int, extra: list[str], seed: int = 0) -> list[str]:
     return [sys.executable, "-m", "jaxrm.cli", "train", str(CONFIG),
             f"data.train={workdir / 'train.jsonl'}", f"data.eval={workdir / 'heldout.jsonl'}",
             f"train.steps={steps}", f"train.warmup_steps={warmup_steps}", "train.eval_every=0",
             f"train.checkpoint_every={steps}", "train.log_every=10", "train.progress=false",
-            f"output_dir={workdir / 'jaxrm-run'}", *extra]
+            f"train.seed={seed}", f"output_dir={workdir / f'jaxrm-run-{seed}'}", *extra]
 
 
-def jaxrm_results(workdir: Path, warm_steps: int, batch_size: int) -> dict:
-    run_dir = workdir / "jaxrm-run"
+def jaxrm_results(run_dir: Path, warm_steps: int, batch_size: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in rows if r["split"] == "train" and r["step"] > warm_steps]
@@ -205,7 +213,8 @@ def _timed(command: list[str], log_path: Path, env: dict | None = None) -> float
 
 
 def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, extra: list[str],
-        log=print, heldout_fraction: float = HELDOUT_FRACTION) -> dict:
+        log=print, heldout_fraction: float = HELDOUT_FRACTION, seeds: tuple[int, ...] = SEEDS) -> dict:
+    """Both sides once per seed, TRL then jaxrm, on the same split; returns every run and the summary."""
     import yaml
 
     config = yaml.safe_load(CONFIG.read_text())
@@ -217,10 +226,11 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
     if counts["train"]["kept"] < steps * settings["batch_size"]:
         log(f"note: {counts['train']['kept']} training pairs for {steps} steps of {settings['batch_size']}: "
             "both sides go round them more than once (lower --heldout-fraction to avoid it)")
-    for previous in ("trl-run", "jaxrm-run"):  # a run directory left by an earlier benchmark would resume
-        shutil.rmtree(workdir / previous, ignore_errors=True)
+    for previous in workdir.glob("*-run*"):  # a run directory left by an earlier benchmark would resume
+        shutil.rmtree(previous, ignore_errors=True)
     loads = {"start": _loadavg()}
-    result = {"data": str(data), "counts": counts, "steps": steps, "settings": settings, "machine": _machine()}
+    result = {"data": str(data), "counts": counts, "steps": steps, "settings": settings, "machine": _machine(),
+              "seeds": list(seeds), "runs": []}
     try:
         import trl  # noqa: F401
         import torch  # noqa: F401
@@ -229,34 +239,70 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
         trl_available = False
     else:
         trl_available = True
-    if trl_available:
-        command = [sys.executable, "-m", "benchmarks.peers", "--side", "trl", "--workdir", str(workdir),
-                   "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--torch-threads", str(threads),
-                   "--schedule-warmup", str(schedule_warmup)]
-        # TRL runs in the environment the user gave, without the malloc settings the jaxrm command adds
-        # for itself (jaxrm.host); the jaxrm side below inherits them, as `jaxrm train` would set them.
-        seconds = _timed(command, workdir / "trl.log", env=untuned_environment())
-        result["trl"] = {**json.loads((workdir / "trl.json").read_text()), "wall_seconds": seconds}
-        loads["after_trl"] = _loadavg()
-        log(f"TRL: {result['trl']}")
-    seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra), workdir / "jaxrm.log")
-    result["jaxrm"] = {**jaxrm_results(workdir, warmup_steps, settings["batch_size"]), "wall_seconds": seconds}
-    loads["after_jaxrm"] = _loadavg()
-    log(f"jaxrm: {result['jaxrm']}")
+    for seed in seeds:
+        run = {"seed": seed}
+        if trl_available:
+            command = [sys.executable, "-m", "benchmarks.peers", "--side", "trl", "--workdir", str(workdir),
+                       "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--torch-threads", str(threads),
+                       "--schedule-warmup", str(schedule_warmup), "--seeds", str(seed)]
+            # TRL runs in the environment the user gave, without the malloc settings the jaxrm command adds
+            # for itself (jaxrm.host); the jaxrm side below inherits them, as `jaxrm train` would set them.
+            seconds = _timed(command, workdir / f"trl-{seed}.log", env=untuned_environment())
+            run["trl"] = {**json.loads((workdir / f"trl-{seed}.json").read_text()), "wall_seconds": seconds}
+            log(f"seed {seed}, TRL: {run['trl']}")
+        seconds = _timed(jaxrm_command(workdir, steps, schedule_warmup, extra, seed), workdir / f"jaxrm-{seed}.log")
+        run["jaxrm"] = {**jaxrm_results(workdir / f"jaxrm-run-{seed}", warmup_steps, settings["batch_size"]),
+                        "wall_seconds": seconds}
+        log(f"seed {seed}, jaxrm: {run['jaxrm']}")
+        loads[f"after_seed_{seed}"] = _loadavg()
+        result["runs"].append(run)
     result["loadavg"] = loads
-    if trl_available:
-        ours, theirs = result["jaxrm"], result["trl"]
-        result["ratios"] = {
-            "steady_pairs_per_s": ours["steady_pairs_per_s"] / theirs["steady_pairs_per_s"],
-            "steady_tokens_per_s": ours["steady_tokens_per_s"] / theirs["steady_tokens_per_s"],
-            "whole_process": theirs["wall_seconds"] / ours["wall_seconds"],
-            "accuracy_difference": ours["heldout_accuracy"] - theirs["heldout_accuracy"],
-        }
-        result["accuracy_standard_error"] = accuracy_standard_error(ours["heldout_accuracy"], counts["heldout"]["kept"])
-        r = result["ratios"]
-        result["floors"] = {"steady_state_2.5x": r["steady_pairs_per_s"] >= 2.5 and r["steady_tokens_per_s"] >= 2.5,
-                            "whole_process_2x": r["whole_process"] >= 2, "accuracy": r["accuracy_difference"] >= -0.01}
+    result.update(summarize(result["runs"], counts["heldout"]["kept"]))
     return result
+
+
+SPEEDS = ("steady_pairs_per_s", "steady_tokens_per_s", "wall_seconds")
+
+
+def summarize(runs: list[dict], heldout_pairs: int) -> dict:
+    """Each side over the runs (median speeds, mean accuracy) and jaxrm / TRL with its floors.
+
+    A speed ratio is the median over seeds of the ratio within a seed (both sides of a seed ran back to
+    back, under the same load). The accuracy difference is of the means over seeds; its standard error
+    adds each side's between-seed variance over the number of seeds, or, with one seed, the binomial
+    error of each accuracy on the held-out pairs.
+    """
+    import statistics
+
+    summary = {}
+    for side in ("trl", "jaxrm"):
+        side_runs = [run[side] for run in runs if side in run]
+        if side_runs:
+            accuracies = [r["heldout_accuracy"] for r in side_runs]
+            summary[side] = {**{key: statistics.median(r[key] for r in side_runs) for key in SPEEDS},
+                             "heldout_accuracy": statistics.fmean(accuracies), "heldout_accuracies": accuracies}
+    summary["accuracy_standard_error"] = accuracy_standard_error(summary["jaxrm"]["heldout_accuracy"], heldout_pairs)
+    if "trl" not in summary:
+        return summary
+
+    def median_ratio(key: str, inverse: bool = False) -> float:
+        return statistics.median((r["trl"][key] / r["jaxrm"][key]) if inverse else (r["jaxrm"][key] / r["trl"][key])
+                                 for r in runs)
+
+    ours, theirs = summary["jaxrm"], summary["trl"]
+    ratios = {
+        "steady_pairs_per_s": median_ratio("steady_pairs_per_s"),
+        "steady_tokens_per_s": median_ratio("steady_tokens_per_s"),
+        "whole_process": median_ratio("wall_seconds", inverse=True),
+        "accuracy_difference": ours["heldout_accuracy"] - theirs["heldout_accuracy"],
+    }
+    if len(runs) > 1:
+        spread = sum(statistics.variance(side["heldout_accuracies"]) for side in (ours, theirs)) / len(runs)
+    else:
+        spread = sum(accuracy_standard_error(side["heldout_accuracy"], heldout_pairs) ** 2 for side in (ours, theirs))
+    return {**summary, "ratios": ratios, "accuracy_difference_standard_error": spread**0.5, "floors": {
+        "steady_state_2.5x": ratios["steady_pairs_per_s"] >= 2.5 and ratios["steady_tokens_per_s"] >= 2.5,
+        "whole_process_2x": ratios["whole_process"] >= 2, "accuracy": round(ratios["accuracy_difference"], 9) >= -0.01}}
 
 
 def accuracy_standard_error(accuracy: float, pairs: int) -> float:
@@ -280,23 +326,31 @@ def _machine() -> dict:
 
 
 def markdown(result: dict) -> str:
+    runs = result.get("runs", [])
     lines = [f"{result['steps']} steps, batch {result['settings']['batch_size']} pairs, max length "
-             f"{result['settings']['max_length']}; data {result['counts']}; load average {result['loadavg']}.", "",
-             "| | pairs/s (steady) | real tokens/s (steady) | whole process s | held-out accuracy |",
-             "|---|---:|---:|---:|---:|"]
-    for side in ("trl", "jaxrm"):
-        if side in result:
-            s = result[side]
-            lines.append(f"| {side} | {s['steady_pairs_per_s']:.2f} | {s['steady_tokens_per_s']:.0f} | "
-                         f"{s['wall_seconds']:.0f} | {s['heldout_accuracy']:.4f} |")
+             f"{result['settings']['max_length']}, seeds {result.get('seeds', [0])}; data {result['counts']}; "
+             f"load average {result['loadavg']}.", "",
+             "| seed | side | pairs/s (steady) | real tokens/s (steady) | whole process s | held-out accuracy |",
+             "|---|---|---:|---:|---:|---:|"]
+    row = lambda label, side, s: (f"| {label} | {side} | {s['steady_pairs_per_s']:.2f} | {s['steady_tokens_per_s']:.0f} | "
+                                  f"{s['wall_seconds']:.0f} | {s['heldout_accuracy']:.4f} |")
+    for run in runs:
+        lines += [row(run["seed"], side, run[side]) for side in ("trl", "jaxrm") if side in run]
+    if len(runs) != 1:
+        label = "median (speed), mean (accuracy)" if runs else ""
+        lines += [row(label, side, result[side]) for side in ("trl", "jaxrm") if side in result]
     if "ratios" in result:
         r = result["ratios"]
-        lines.append(f"| **jaxrm / TRL** | **{r['steady_pairs_per_s']:.2f}×** | **{r['steady_tokens_per_s']:.2f}×** | "
-                     f"**{r['whole_process']:.2f}×** | **{r['accuracy_difference']:+.4f}** |")
-        lines += ["", "Floors: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["floors"].items())]
-        if "accuracy_standard_error" in result:
-            lines += ["", f"Standard error of one held-out accuracy: {result['accuracy_standard_error']:.4f} "
-                          f"({result['counts']['heldout']['kept']} pairs)."]
+        error = result.get("accuracy_difference_standard_error")
+        accuracy = f"**{r['accuracy_difference']:+.4f}**" + (f" ± {error:.4f}" if error is not None else "")
+        lines.append(f"| | **jaxrm / TRL** | **{r['steady_pairs_per_s']:.2f}×** | **{r['steady_tokens_per_s']:.2f}×** | "
+                     f"**{r['whole_process']:.2f}×** | {accuracy} |")
+        lines += ["", "Speed ratios: the median over seeds of the ratio within each seed. Accuracy: the difference of "
+                      "the means over seeds ± its standard error.",
+                  "", "Floors: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["floors"].items())]
+    if "accuracy_standard_error" in result:
+        lines += ["", f"Standard error of one held-out accuracy: {result['accuracy_standard_error']:.4f} "
+                      f"({result['counts']['heldout']['kept']} pairs)."]
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=10, help="steps left out of the steady state")
     parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION,
                         help="share of the records held out for the accuracy comparison")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                        help="one run of each side per seed (jaxrm's train.seed, TRL's seed)")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jaxrm-bench-peers"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers"))
@@ -333,7 +389,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{data} is not here: using the synthetic set instead (hh-rlhf-shaped dialogues)", flush=True)
         data = write_synthetic_dialogues(args.workdir / "synthetic-pairs.jsonl")
     result = run(data, args.workdir, args.steps, args.warmup_steps, args.torch_threads, args.jaxrm_override,
-                 heldout_fraction=args.heldout_fraction)
+                 heldout_fraction=args.heldout_fraction, seeds=tuple(args.seeds))
     write_result(result, args.out, markdown(result))
     print(markdown(result))
     return result
@@ -351,8 +407,9 @@ if __name__ == "__main__":
         cfg = yaml.safe_load(CONFIG.read_text())
         settings = {"batch_size": cfg["train"]["batch_size"], "learning_rate": cfg["train"]["learning_rate"],
                     "weight_decay": cfg["train"]["weight_decay"], "max_length": cfg["data"]["max_length"]}
+        seed = arguments.seeds[0]
         outcome = run_trl(arguments.workdir, arguments.steps, arguments.schedule_warmup, arguments.warmup_steps,
-                          arguments.torch_threads, settings)
-        (arguments.workdir / "trl.json").write_text(json.dumps(outcome))
+                          arguments.torch_threads, settings, seed=seed)
+        (arguments.workdir / f"trl-{seed}.json").write_text(json.dumps(outcome))
     else:
         main(arguments)

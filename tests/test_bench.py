@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxrm import bench
@@ -61,6 +62,32 @@ def test_train_and_peers_tables_render():
     assert "**3.00×**" in peers.markdown(result)
     result.update(counts={"heldout": {"kept": 100}}, accuracy_standard_error=peers.accuracy_standard_error(0.5, 100))
     assert "Standard error of one held-out accuracy: 0.0500 (100 pairs)" in peers.markdown(result)
+
+
+def test_peers_summary_over_seeds():
+    peers = bench.benchmark_module("peers")
+    side = lambda pairs, tokens, wall, accuracy: {"steady_pairs_per_s": pairs, "steady_tokens_per_s": tokens,
+                                                  "wall_seconds": wall, "heldout_accuracy": accuracy}
+    runs = [{"seed": 0, "trl": side(4.0, 900, 250, 0.58), "jaxrm": side(10.0, 2700, 120, 0.57)},
+            {"seed": 1, "trl": side(5.0, 1000, 300, 0.62), "jaxrm": side(11.0, 2000, 160, 0.59)},
+            {"seed": 2, "trl": side(4.5, 950, 260, 0.60), "jaxrm": side(9.0, 2400, 140, 0.61)}]
+    summary = peers.summarize(runs, heldout_pairs=500)
+    # Speeds: medians per side; ratios: medians of the per-seed ratios (2.5, 2.2, 2.0 → 2.2 for pairs/s).
+    assert summary["trl"]["steady_pairs_per_s"] == 4.5 and summary["jaxrm"]["wall_seconds"] == 140
+    np.testing.assert_allclose(summary["ratios"]["steady_pairs_per_s"], 2.2)
+    np.testing.assert_allclose(summary["ratios"]["steady_tokens_per_s"], 2400 / 950)
+    np.testing.assert_allclose(summary["ratios"]["whole_process"], 300 / 160)  # of 2.08, 1.875, 1.86
+    # Accuracy: difference of the means, standard error from the spread over seeds (sample variances / 3).
+    np.testing.assert_allclose(summary["ratios"]["accuracy_difference"], 0.59 - 0.60)
+    np.testing.assert_allclose(summary["accuracy_difference_standard_error"], ((0.0004 + 0.0004) / 3) ** 0.5)
+    assert summary["floors"] == {"steady_state_2.5x": False, "whole_process_2x": False, "accuracy": True}
+    table = peers.markdown({"steps": 60, "settings": {"batch_size": 16, "max_length": 256}, "seeds": [0, 1, 2],
+                            "counts": {"heldout": {"kept": 500}}, "loadavg": {}, "runs": runs, **summary})
+    assert "| 1 | trl | 5.00 | 1000 | 300 | 0.6200 |" in table and "**2.20×**" in table and "**-0.0100** ± 0.0163" in table
+    # One seed: the binomial errors of the two accuracies.
+    single = peers.summarize(runs[:1], heldout_pairs=500)
+    np.testing.assert_allclose(single["accuracy_difference_standard_error"],
+                               ((0.58 * 0.42 + 0.57 * 0.43) / 500) ** 0.5)
 
 
 def test_peers_synthetic_stand_in_is_hh_shaped_and_read_as_pairs(tmp_path):
