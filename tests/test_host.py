@@ -57,3 +57,13 @@ def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path)
     shown = json.loads(lines[1])
     assert int(lines[0]) == shown.pop("pid")
     assert shown == MALLOC_SETTINGS
+
+
+def test_the_restart_happens_before_jax_is_imported():
+    """`console_main` imports `jaxrm.host` and may restart: nothing heavy may load before that (it would
+    be loaded twice), and `jaxrm.losses` alone stays free of the model and training stack."""
+    probe = ("import sys, jaxrm.host; heavy = {'jax', 'flax', 'transformers'} & set(sys.modules); "
+             "import jaxrm.losses; late = {'flax', 'transformers', 'optax'} & set(sys.modules); "
+             "import jaxrm; print(sorted(heavy), sorted(late), jaxrm.losses is sys.modules['jaxrm.losses'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "[]", "True"]
