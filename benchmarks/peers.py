@@ -1,6 +1,6 @@
 """jaxrm next to TRL's ``RewardTrainer``: the same MiniLM checkpoint, data, batch, length and steps, in one run.
 
-    jaxrm bench peers [--steps 60] [--data ../shared/data/hh-harmless.jsonl.gz] [--out benchmarks/results/peers]
+    jaxrm bench peers [--steps 60] [--seeds 0 1 2] [--data ../shared/data/hh-harmless.jsonl.gz] [--out benchmarks/results/peers]
 
 The records are split once (seeded): ``--heldout-fraction`` (30 %) held out, the rest for training — a
 held-out slice of 500 kept pairs on hh-rlhf, so that an accuracy (standard error ~2.2 points, reported) can be
