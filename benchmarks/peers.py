@@ -212,14 +212,19 @@ def _timed(command: list[str], log_path: Path, env: dict | None = None) -> float
     return seconds
 
 
-def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, extra: list[str],
-        log=print, heldout_fraction: float = HELDOUT_FRACTION, seeds: tuple[int, ...] = SEEDS) -> dict:
-    """Both sides once per seed, TRL then jaxrm, on the same split; returns every run and the summary."""
+def shared_settings() -> dict:
+    """The settings both sides take from `configs/minilm-hh.yaml`: batch, learning rate, decay, length."""
     import yaml
 
     config = yaml.safe_load(CONFIG.read_text())
-    settings = {"batch_size": config["train"]["batch_size"], "learning_rate": config["train"]["learning_rate"],
-                "weight_decay": config["train"]["weight_decay"], "max_length": config["data"]["max_length"]}
+    return {"batch_size": config["train"]["batch_size"], "learning_rate": config["train"]["learning_rate"],
+            "weight_decay": config["train"]["weight_decay"], "max_length": config["data"]["max_length"]}
+
+
+def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, extra: list[str],
+        log=print, heldout_fraction: float = HELDOUT_FRACTION, seeds: tuple[int, ...] = SEEDS) -> dict:
+    """Both sides once per seed, TRL then jaxrm, on the same split; returns every run and the summary."""
+    settings = shared_settings()
     schedule_warmup = max(1, steps // 10)
     counts = prepare(data, workdir, settings["max_length"], heldout_fraction=heldout_fraction)
     log(f"data: {counts}")
@@ -402,14 +407,9 @@ if __name__ == "__main__":
     parser.add_argument("--schedule-warmup", type=int, default=6, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.side == "trl":
-        import yaml
-
-        cfg = yaml.safe_load(CONFIG.read_text())
-        settings = {"batch_size": cfg["train"]["batch_size"], "learning_rate": cfg["train"]["learning_rate"],
-                    "weight_decay": cfg["train"]["weight_decay"], "max_length": cfg["data"]["max_length"]}
         seed = arguments.seeds[0]
         outcome = run_trl(arguments.workdir, arguments.steps, arguments.schedule_warmup, arguments.warmup_steps,
-                          arguments.torch_threads, settings, seed=seed)
+                          arguments.torch_threads, shared_settings(), seed=seed)
         (arguments.workdir / f"trl-{seed}.json").write_text(json.dumps(outcome))
     else:
         main(arguments)

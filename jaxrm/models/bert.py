@@ -223,9 +223,6 @@ class BertBackbone(nnx.Module):
             [EncoderLayer(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(spec.num_layers)]
         )
 
-    #: `__call__` takes ``positions``: the reward model asks for its pooled rows only.
-    selects_positions = True
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array | None = None) -> jax.Array:
         """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
@@ -257,12 +254,10 @@ class BertBackbone(nnx.Module):
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
         hidden = self.embeddings(input_ids, position_ids)
-        if positions is None:
-            for layer in self.layers:
-                hidden = run_layer(layer, hidden, mask)
-            return hidden
         for layer in self.layers[:-1]:
             hidden = run_layer(layer, hidden, mask)
+        if positions is None:
+            return run_layer(self.layers[-1], hidden, mask)
         selected = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         query_mask = segment_mask(jnp.take_along_axis(segment_ids, positions, axis=1), segment_ids)
         return run_layer(self.layers[-1], hidden, query_mask, selected)

@@ -323,9 +323,6 @@ class DecoderBackbone(nnx.Module):
         )
         self.norm = RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
-    #: `__call__` takes ``positions``: the reward model asks for its pooled rows only.
-    selects_positions = True
-
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array | None = None) -> jax.Array:
         """Maps token ids [B, T] and a padding mask [B, T] (1 or True on real tokens) to hidden states [B, T, H].
@@ -346,13 +343,10 @@ class DecoderBackbone(nnx.Module):
 
         run_layer = nnx.remat(_run_layer) if self.remat else _run_layer
         hidden = self.embed_tokens(jnp.asarray(input_ids)).astype(self.dtype)
-        layers = list(zip(self.layers, self.spec.sliding_windows))
-        if positions is None:
-            for layer, window in layers:
-                hidden = run_layer(layer, hidden, cos, sin, masks[window])
-            return self.norm(hidden)
-        for layer, window in layers[:-1]:
+        *body, (last, last_window) = zip(self.layers, self.spec.sliding_windows)
+        for layer, window in body:
             hidden = run_layer(layer, hidden, cos, sin, masks[window])
-        layer, window = layers[-1]
-        query_mask = jnp.take_along_axis(masks[window], positions[:, None, :, None], axis=2)  # [B, 1, Q, T]
-        return self.norm(run_layer(layer, hidden, cos, sin, query_mask, positions))
+        if positions is None:
+            return self.norm(run_layer(last, hidden, cos, sin, masks[last_window]))
+        query_mask = jnp.take_along_axis(masks[last_window], positions[:, None, :, None], axis=2)  # [B, 1, Q, T]
+        return self.norm(run_layer(last, hidden, cos, sin, query_mask, positions))

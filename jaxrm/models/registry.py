@@ -17,7 +17,9 @@ class Family:
     """A backbone implementation, its checkpoint layout, and its ``*ForSequenceClassification`` head."""
 
     backbone: type
-    """Module class with the ``(config, *, dtype, param_dtype, remat, rngs)`` constructor."""
+    """Module class with the ``(config, *, dtype, param_dtype, remat, rngs)`` constructor, called as
+    ``backbone(input_ids, attention_mask, positions=None)``: hidden states [B, T, H], or with positions
+    (int [B, Q]) only those columns of each row, [B, Q, H] (the reward model's pooled tokens)."""
     param_table: Callable[[transformers.PretrainedConfig], list[ParamRow]]
     hf_prefix: str
     """Prefix of the backbone's keys in ``*ForSequenceClassification`` and ``*ForCausalLM`` checkpoints."""

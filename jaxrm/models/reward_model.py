@@ -267,11 +267,8 @@ class RewardModel(nnx.Module):
             rm.packed_rewards(ids, segments, 2)  # ≈ [[rm([[5, 6, 7]], [[1, 1, 1]])[0], rm([[8, 9]], [[1, 1]])[0]]]
         """
         positions = pooled_positions(segment_ids, self.pooling, num_segments)
-        if getattr(self.backbone, "selects_positions", False):
-            # Only the pooled rows are computed in the last layer: the same rewards, less work.
-            pooled = self.backbone(input_ids, segment_ids, positions)
-        else:
-            pooled = jnp.take_along_axis(self.backbone(input_ids, segment_ids), positions[..., None], axis=1)
+        # The backbone's last layer computes only the pooled rows: the same rewards, less work.
+        pooled = self.backbone(input_ids, segment_ids, positions)
         rewards = self.head(pooled)
         return rewards[..., 0] if self.num_objectives == 1 else rewards
 
