@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrm.kernels import amx
+
+
 def logical_axes(*names: str | None) -> dict:
     """Metadata naming a parameter's logical axes for the training engine's sharding rules
     (`jaxrm.train.mesh`); placement happens there, not at initialisation."""
@@ -72,7 +75,25 @@ def segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Arra
 
 
 def _accumulate(lhs: jax.Array, rhs: jax.Array, contracting: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
+    if lhs.dtype == rhs.dtype == jnp.bfloat16 and amx.enabled():
+        product = _amx_product(lhs, rhs, contracting)
+        if product is not None:
+            return product
     return jax.lax.dot_general(lhs, rhs, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _amx_product(lhs, rhs, contracting):
+    """The dense layer's three products as AMX matrix products (`jaxrm.kernels.amx`), or None for others:
+    ``x [..., i] · W [i, o]`` (forward), ``dy [..., o] · W [i, o]ᵀ`` (input gradient) and
+    ``x [..., i]ᵀ · dy [..., o]`` over every leading axis (kernel gradient)."""
+    (lhs_axes, rhs_axes), last = contracting, lhs.ndim - 1
+    if rhs.ndim == 2 and lhs_axes == (last,) and rhs_axes in ((0,), (1,)):
+        flat = amx.matmul(lhs.reshape(-1, lhs.shape[-1]), rhs, transpose_b=rhs_axes == (1,))
+        return flat.reshape(*lhs.shape[:-1], flat.shape[-1])
+    leading = tuple(range(last))
+    if lhs.ndim == rhs.ndim and lhs.ndim >= 2 and lhs_axes == rhs_axes == leading:
+        return amx.matmul(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(-1, rhs.shape[-1]), transpose_a=True)
+    return None
 
 
 def matmul(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
@@ -172,10 +193,19 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(query.shape)
 
 
-# Index letters: b batch, k key/value head, q query (the G heads of a group times T positions), s key, d head dim.
+def _batch_matmul(lhs: jax.Array, rhs: jax.Array, transpose_lhs: bool = False, transpose_rhs: bool = False) -> jax.Array:
+    """``op(lhs) @ op(rhs)`` over the last two axes of [B, K, ·, ·] operands, accumulated and returned in float32
+    (``op`` transposes those two axes when asked)."""
+    if lhs.dtype == rhs.dtype == jnp.bfloat16 and amx.enabled():
+        return amx.matmul(lhs, rhs, transpose_a=transpose_lhs, transpose_b=transpose_rhs)
+    contracting = ((2,) if transpose_lhs else (3,), (3,) if transpose_rhs else (2,))
+    return jax.lax.dot_general(lhs, rhs, (contracting, ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+
+
+# Shapes: B batch, K key/value heads, Q queries (the G heads of a group times T positions), S keys, D head dim.
 def _probabilities(query, key, bias, groups):
     batch, kv_heads, queries, _ = query.shape
-    scores = jnp.einsum("bkqd,bksd->bkqs", query, key, preferred_element_type=jnp.float32)
+    scores = _batch_matmul(query, key, transpose_rhs=True)  # [B, K, Q, S]
     # The bias is [B, K|1, G|1, T|1, S]: added to the scores with their query axis viewed as (G, T).
     scores = (scores.reshape(batch, kv_heads, groups, queries // groups, -1) + bias).reshape(scores.shape)
     scores = scores - jnp.max(scores, axis=-1, keepdims=True)
@@ -184,7 +214,7 @@ def _probabilities(query, key, bias, groups):
 
 
 def _attend(probabilities, value, dtype):
-    return jnp.einsum("bkqs,bksd->bkqd", probabilities.astype(dtype), value, preferred_element_type=jnp.float32)
+    return _batch_matmul(probabilities.astype(dtype), value)  # [B, K, Q, D]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -200,14 +230,14 @@ def _heads_major_attention_forward(query, key, value, bias, groups, dtype):
 
 def _heads_major_attention_backward(groups, dtype, residuals, out_grad):
     query, key, value, probabilities, out = residuals
-    einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    value_grad = einsum("bkqs,bkqd->bksd", probabilities, out_grad.astype(dtype))
-    probabilities_grad = einsum("bkqd,bksd->bkqs", out_grad.astype(dtype), value)
+    out_grad_operand = out_grad.astype(dtype)
+    value_grad = _batch_matmul(probabilities, out_grad_operand, transpose_lhs=True)  # Pᵀ dO: [B, K, S, D]
+    probabilities_grad = _batch_matmul(out_grad_operand, value, transpose_rhs=True)  # dO Vᵀ: [B, K, Q, S]
     # Kept out of the fusion with the product below: fused, XLA:CPU recomputes the reduction per tile.
     row_dot = jax.lax.optimization_barrier(jnp.einsum("bkqd,bkqd->bkq", out_grad, out)[..., None])
     scores_grad = (probabilities.astype(jnp.float32) * (probabilities_grad - row_dot)).astype(dtype)
-    query_grad = einsum("bkqs,bksd->bkqd", scores_grad, key)
-    key_grad = einsum("bkqs,bkqd->bksd", scores_grad, query)
+    query_grad = _batch_matmul(scores_grad, key)  # dS K: [B, K, Q, D]
+    key_grad = _batch_matmul(scores_grad, query, transpose_lhs=True)  # dSᵀ Q: [B, K, S, D]
     return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
 
 

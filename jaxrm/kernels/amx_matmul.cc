@@ -1,0 +1,325 @@
+// bfloat16 x bfloat16 -> float32 matrix products on Intel AMX tiles, as an XLA FFI custom call.
+//
+//   C[i, M, N] = op(A[i]) op(B[i]),  op(X) = X or X^T,  operands bfloat16, products accumulated in float32,
+//   for every i of a batch of products of one shape (attention's heads; a batch of one for a dense layer).
+//
+// XLA:CPU runs bfloat16 products with AVX512-BF16 dot-product instructions at best (~0.35 TFLOP/s on two
+// Sapphire Rapids cores); the AMX tile unit of the same cores does ~8x the multiply-adds per cycle. This file
+// is the smallest kernel that uses it: both operands are copied once into tile-sized blocks (the copy also
+// absorbs the transposes and pads ragged edges with zeros), then every 32 x 32 block of C is accumulated in
+// four tile registers over the whole contraction, and stored once.
+//
+// Layouts (row-major, as XLA hands buffers to a custom call), with a leading batch axis on a, b and c:
+//   transpose_a = false: a is [M, K];  true: a is [K, M]
+//   transpose_b = false: b is [K, N];  true: b is [N, K]
+// Packed A: for each 16-row block mb and 32-wide k block kb, a 16 x 32 bfloat16 tile, row r = row mb*16 + r.
+// Packed B: for each 16-column block nb and kb, a 16 x 32 tile in AMX's pair layout ("VNNI"): tile row r holds,
+//           for each of the 16 columns c, the two values B[kb*32 + 2r][c] and B[kb*32 + 2r + 1][c].
+//
+// Work runs on the calling thread and on XLA's intra-op thread pool, in chunks claimed one at a time.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 16;         // rows of every tile; columns of a C tile (float32)
+constexpr int64_t kDepth = 32;        // bfloat16 values along the contraction in one tile row (64 bytes)
+constexpr int64_t kTileValues = kRows * kDepth;
+constexpr int kTileBytes = 64;        // bytes per tile row
+
+// ---- Packing --------------------------------------------------------------------------------------
+
+struct Problem {
+  const uint16_t* a;
+  const uint16_t* b;
+  float* c;
+  int64_t m, n, k;
+  bool transpose_a, transpose_b;
+  int64_t row_blocks, column_blocks, depth_blocks;  // tile counts along M (even), N (even), K
+};
+
+// A's value at (row, depth), zero outside the matrix.
+inline uint16_t AValue(const Problem& p, int64_t row, int64_t depth) {
+  if (row >= p.m || depth >= p.k) return 0;
+  return p.transpose_a ? p.a[depth * p.m + row] : p.a[row * p.k + depth];
+}
+
+inline uint16_t BValue(const Problem& p, int64_t depth, int64_t column) {
+  if (depth >= p.k || column >= p.n) return 0;
+  return p.transpose_b ? p.b[column * p.k + depth] : p.b[depth * p.n + column];
+}
+
+void PackATile(const Problem& p, int64_t mb, int64_t kb, uint16_t* tile) {
+  const int64_t row0 = mb * kRows, depth0 = kb * kDepth;
+  const bool full = row0 + kRows <= p.m && depth0 + kDepth <= p.k;
+  if (full && !p.transpose_a) {
+    for (int64_t r = 0; r < kRows; ++r)
+      std::memcpy(tile + r * kDepth, p.a + (row0 + r) * p.k + depth0, kTileBytes);
+  } else if (full) {  // a is [K, M]: each of its rows gives one column of the tile
+    for (int64_t d = 0; d < kDepth; ++d) {
+      const uint16_t* source = p.a + (depth0 + d) * p.m + row0;
+      for (int64_t r = 0; r < kRows; ++r) tile[r * kDepth + d] = source[r];
+    }
+  } else {
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t d = 0; d < kDepth; ++d) tile[r * kDepth + d] = AValue(p, row0 + r, depth0 + d);
+  }
+}
+
+void PackBTile(const Problem& p, int64_t nb, int64_t kb, uint16_t* tile) {
+  const int64_t column0 = nb * kRows, depth0 = kb * kDepth;
+  const bool full = column0 + kRows <= p.n && depth0 + kDepth <= p.k;
+  if (full && !p.transpose_b) {  // interleave rows 2r and 2r + 1 of b
+    const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const uint16_t* even = p.b + (depth0 + 2 * r) * p.n + column0;
+      const __m512i low = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
+      const __m512i high = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + p.n)));
+      _mm512_storeu_si512(tile + r * kDepth, _mm512_permutex2var_epi16(low, interleave, high));
+    }
+  } else if (full) {  // b is [N, K]: pairs along its rows are already adjacent; transpose them as 32-bit words
+    auto* words = reinterpret_cast<uint32_t*>(tile);
+    for (int64_t c = 0; c < kRows; ++c) {
+      const uint16_t* source = p.b + (column0 + c) * p.k + depth0;
+      for (int64_t r = 0; r < kRows; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, source + 2 * r, sizeof(pair));
+        words[r * kRows + c] = pair;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t c = 0; c < kRows; ++c)
+        for (int64_t j = 0; j < 2; ++j)
+          tile[r * kDepth + 2 * c + j] = BValue(p, depth0 + 2 * r + j, column0 + c);
+  }
+}
+
+// ---- Multiplying ----------------------------------------------------------------------------------
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void ConfigureTiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = kRows;
+    config.bytes_per_row[t] = kTileBytes;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Writes a 16 x 16 float32 tile held in `scratch` to C at (row0, column0), clipped to C's edges.
+void StoreClipped(const Problem& p, const float* scratch, int64_t row0, int64_t column0) {
+  const int64_t rows = std::min(kRows, p.m - row0), columns = std::min(kRows, p.n - column0);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(p.c + (row0 + r) * p.n + column0, scratch + r * kRows, columns * sizeof(float));
+}
+
+// One 32 x 32 block of C: rows of tiles mb, mb + 1 and columns of tiles nb, nb + 1, in tiles 0-3.
+void MultiplyBlock(const Problem& p, const uint16_t* packed_a, const uint16_t* packed_b, int64_t mb, int64_t nb) {
+  const int64_t depth = p.depth_blocks;
+  const uint16_t* a0 = packed_a + mb * depth * kTileValues;
+  const uint16_t* a1 = a0 + depth * kTileValues;
+  const uint16_t* b0 = packed_b + nb * depth * kTileValues;
+  const uint16_t* b1 = b0 + depth * kTileValues;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < depth; ++kb) {
+    const int64_t offset = kb * kTileValues;
+    _tile_loadd(4, a0 + offset, kTileBytes);
+    _tile_loadd(6, b0 + offset, kTileBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + offset, kTileBytes);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1 + offset, kTileBytes);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  const int64_t row0 = mb * kRows, column0 = nb * kRows;
+  const int64_t stride = p.n * static_cast<int64_t>(sizeof(float));
+  if (row0 + 2 * kRows <= p.m && column0 + 2 * kRows <= p.n) {
+    float* c = p.c + row0 * p.n + column0;
+    _tile_stored(0, c, stride);
+    _tile_stored(1, c + kRows, stride);
+    _tile_stored(2, c + kRows * p.n, stride);
+    _tile_stored(3, c + kRows * p.n + kRows, stride);
+    return;
+  }
+  alignas(64) float scratch[4][kRows * kRows];
+  _tile_stored(0, scratch[0], kRows * sizeof(float));
+  _tile_stored(1, scratch[1], kRows * sizeof(float));
+  _tile_stored(2, scratch[2], kRows * sizeof(float));
+  _tile_stored(3, scratch[3], kRows * sizeof(float));
+  for (int t = 0; t < 4; ++t) {
+    const int64_t r = row0 + (t / 2) * kRows, c = column0 + (t % 2) * kRows;
+    if (r < p.m && c < p.n) StoreClipped(p, scratch[t], r, c);
+  }
+}
+
+struct FreeDeleter {
+  void operator()(void* pointer) const { std::free(pointer); }
+};
+
+using TileBuffer = std::unique_ptr<uint16_t[], FreeDeleter>;
+
+TileBuffer NewTileBuffer(int64_t tiles) {
+  return TileBuffer(
+      static_cast<uint16_t*>(std::aligned_alloc(64, std::max<int64_t>(tiles, 1) * kTileValues * sizeof(uint16_t))));
+}
+
+// One product, shared by the threads that take part: each claims chunks of packing, then (once every tile is
+// packed) chunks of 32 x 32 blocks of C, until none are left. A helper that starts late finds nothing to do.
+struct Work {
+  Work(const Problem& problem, int64_t batch, int64_t threads) : p(problem), batch(batch) {
+    a_tiles = p.row_blocks * p.depth_blocks;
+    b_tiles = p.column_blocks * p.depth_blocks;
+    packed_a = NewTileBuffer(batch * a_tiles);
+    packed_b = NewTileBuffer(batch * b_tiles);
+    pack_tiles = batch * (a_tiles + b_tiles);
+    column_pairs = p.column_blocks / 2;
+    element_blocks = (p.row_blocks / 2) * column_pairs;
+    blocks = batch * element_blocks;
+    const int64_t chunks_per_thread = 8;  // enough to even out threads that start late or run slower
+    pack_chunk = std::max<int64_t>(1, pack_tiles / (threads * chunks_per_thread));
+    block_chunk = std::max<int64_t>(1, blocks / (threads * chunks_per_thread));
+  }
+
+  // The product of batch element `index`: operands and result offset to it.
+  Problem Element(int64_t index) const {
+    Problem element = p;
+    element.a += index * p.m * p.k;
+    element.b += index * p.k * p.n;
+    element.c += index * p.m * p.n;
+    return element;
+  }
+
+  void PackTile(int64_t t) {
+    const int64_t element_tiles = a_tiles + b_tiles, index = t / element_tiles, local = t % element_tiles;
+    const Problem element = Element(index);
+    if (local < a_tiles) {
+      PackATile(element, local / p.depth_blocks, local % p.depth_blocks,
+                packed_a.get() + (index * a_tiles + local) * kTileValues);
+    } else {
+      const int64_t u = local - a_tiles;
+      PackBTile(element, u / p.depth_blocks, u % p.depth_blocks, packed_b.get() + (index * b_tiles + u) * kTileValues);
+    }
+  }
+
+  void MultiplyBlockAt(int64_t block) {
+    const int64_t index = block / element_blocks, local = block % element_blocks;
+    MultiplyBlock(Element(index), packed_a.get() + index * a_tiles * kTileValues,
+                  packed_b.get() + index * b_tiles * kTileValues, 2 * (local / column_pairs), 2 * (local % column_pairs));
+  }
+
+  void Participate() {
+    for (;;) {
+      const int64_t begin = next_tile.fetch_add(pack_chunk);
+      if (begin >= pack_tiles) break;
+      const int64_t end = std::min(begin + pack_chunk, pack_tiles);
+      for (int64_t t = begin; t < end; ++t) PackTile(t);
+      packed_tiles.fetch_add(end - begin, std::memory_order_release);
+    }
+    while (packed_tiles.load(std::memory_order_acquire) < pack_tiles) std::this_thread::yield();
+    bool configured = false;
+    for (;;) {
+      const int64_t begin = next_block.fetch_add(block_chunk);
+      if (begin >= blocks) break;
+      if (!configured) ConfigureTiles(), configured = true;
+      const int64_t end = std::min(begin + block_chunk, blocks);
+      for (int64_t block = begin; block < end; ++block) MultiplyBlockAt(block);
+      finished_blocks.fetch_add(end - begin, std::memory_order_release);
+    }
+    if (configured) _tile_release();
+  }
+
+  void WaitForBlocks() const {
+    while (finished_blocks.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+  }
+
+  const Problem p;  // batch element 0
+  const int64_t batch;
+  TileBuffer packed_a, packed_b;
+  int64_t a_tiles, b_tiles, pack_tiles, column_pairs, element_blocks, blocks, pack_chunk, block_chunk;
+  std::atomic<int64_t> next_tile{0}, packed_tiles{0}, next_block{0}, finished_blocks{0};
+};
+
+// Runs the product on the calling thread and on every other thread of XLA's intra-op pool that is free to
+// help (its tasks are queued with XLA's own, so the cores are not oversubscribed).
+void Multiply(Problem p, int64_t batch, ffi::ThreadPool& pool) {
+  p.row_blocks = 2 * ((p.m + 2 * kRows - 1) / (2 * kRows));
+  p.column_blocks = 2 * ((p.n + 2 * kRows - 1) / (2 * kRows));
+  p.depth_blocks = (p.k + kDepth - 1) / kDepth;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto work = std::make_shared<Work>(p, batch, threads);
+  for (int64_t helper = 1; helper < threads; ++helper) pool.Schedule([work] { work->Participate(); });
+  work->Participate();
+  work->WaitForBlocks();
+}
+
+ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                     ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions(), c_dims = c->dimensions();
+  if (a_dims.size() != 3 || b_dims.size() != 3 || c_dims.size() != 3)
+    return ffi::Error::InvalidArgument("jaxrm_amx_matmul takes batches of matrices (rank 3)");
+  Problem p{};
+  p.a = reinterpret_cast<const uint16_t*>(a.untyped_data());
+  p.b = reinterpret_cast<const uint16_t*>(b.untyped_data());
+  p.c = c->typed_data();
+  p.transpose_a = transpose_a;
+  p.transpose_b = transpose_b;
+  const int64_t batch = a_dims[0];
+  p.m = transpose_a ? a_dims[2] : a_dims[1];
+  p.k = transpose_a ? a_dims[1] : a_dims[2];
+  p.n = transpose_b ? b_dims[1] : b_dims[2];
+  const int64_t b_depth = transpose_b ? b_dims[2] : b_dims[1];
+  if (b_dims[0] != batch || c_dims[0] != batch || b_depth != p.k || c_dims[1] != p.m || c_dims[2] != p.n)
+    return ffi::Error::InvalidArgument("jaxrm_amx_matmul: operand shapes do not match");
+  if (batch == 0 || p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    std::memset(p.c, 0, batch * p.m * p.n * sizeof(float));
+    return ffi::Error::Success();
+  }
+  Multiply(p, batch, pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_matmul, AmxMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+// Asks Linux for the AMX tile state (a process must before its first tile instruction); 0 when granted.
+extern "C" int jaxrm_amx_request() {
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return static_cast<int>(syscall(SYS_arch_prctl, kRequestPermission, kTileData));
+}

@@ -1,0 +1,137 @@
+"""jaxrm.kernels.amx: the AMX matrix product against float64 NumPy, and a model trained through it against XLA's
+products. The kernel tests need a CPU with AMX (skipped elsewhere: the layers then never call it)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import transformers
+from flax import nnx
+
+from jaxrm.kernels import amx
+from jaxrm.models import RewardModel
+
+needs_amx = pytest.mark.skipif(not amx.cpu_has_amx(), reason="this CPU has no AMX tile unit")
+
+FLAGS = "flags\t\t: fpu sse avx512f avx512_bf16 {} arch_capabilities\n"
+
+
+def test_cpu_has_amx_reads_both_flags():
+    assert amx.cpu_has_amx(FLAGS.format("amx_bf16 amx_tile amx_int8"))
+    assert not amx.cpu_has_amx(FLAGS.format("amx_tile"))  # tiles without the bfloat16 unit
+    assert not amx.cpu_has_amx(FLAGS.format(""))
+    assert not amx.cpu_has_amx("processor : 0\n")
+
+
+def test_jaxrm_amx_0_turns_it_off():
+    code = "from jaxrm.kernels import amx; print(amx.available(), amx.enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "JAXRM_AMX": "0"}).stdout
+    assert out.split() == ["False", "False"]
+
+
+def _reference(a, b, transpose_a, transpose_b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a = np.swapaxes(a, -1, -2) if transpose_a else a
+    b = np.swapaxes(b, -1, -2) if transpose_b else b
+    return a @ b
+
+
+# Ragged edges in every dimension (tiles are 16 rows × 32 values), tiny and empty contractions, and batches.
+SHAPES = [((), 64, 32, 48), ((), 17, 5, 3), ((), 1, 1, 1), ((), 100, 70, 33), ((), 33, 64, 31),
+          ((), 256, 384, 96), ((3,), 40, 24, 50), ((2, 3), 16, 32, 16), ((4,), 1, 65, 2)]
+
+
+@needs_amx
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch, m, k, n", SHAPES)
+def test_matmul_matches_float64_numpy(batch, m, k, n, transpose_a, transpose_b):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a = rng.standard_normal((*batch, *((k, m) if transpose_a else (m, k)))).astype(jnp.bfloat16)
+    b = rng.standard_normal((*batch, *((n, k) if transpose_b else (k, n)))).astype(jnp.bfloat16)
+    product = jax.jit(amx.matmul, static_argnums=(2, 3))(a, b, transpose_a, transpose_b)
+    assert product.shape == (*batch, m, n) and product.dtype == jnp.float32
+    reference = _reference(a, b, transpose_a, transpose_b)
+    # float32 accumulation of at most 384 exact bfloat16 products
+    np.testing.assert_allclose(np.asarray(product), reference, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@needs_amx
+def test_matmul_of_an_empty_contraction_is_zero():
+    product = amx.matmul(jnp.ones((5, 0), jnp.bfloat16), jnp.ones((0, 7), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(product), np.zeros((5, 7), np.float32))
+
+
+@needs_amx
+def test_matmul_rejects_what_it_cannot_multiply():
+    with pytest.raises(ValueError, match="contraction sizes differ"):
+        amx.matmul(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16"):
+        amx.matmul(jnp.ones((4, 3)), jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match="batch axes"):
+        amx.matmul(jnp.ones((2, 4, 3), jnp.bfloat16), jnp.ones((3, 3, 5), jnp.bfloat16))
+
+
+def _gradients(config, input_ids, segment_ids):
+    model = RewardModel.from_config(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    @jax.jit
+    def loss_and_gradients(params):
+        def loss(p):
+            rewards = nnx.merge(graphdef, p).packed_rewards(input_ids, segment_ids, 2)
+            return jnp.sum(rewards * jnp.array([[1.0, -0.5], [0.25, 2.0]]))
+
+        return jax.value_and_grad(loss)(params)
+
+    return loss_and_gradients(params)
+
+
+@needs_amx
+@pytest.mark.parametrize("family, tolerance", [("bert", 2.5e-3), ("qwen3", 3e-2)])
+def test_reward_model_through_amx_matches_xla_products(family, tolerance, monkeypatch):
+    """The whole packed forward and backward pass (dense layers and attention) with every bfloat16 product on
+    AMX tiles gives XLA's bfloat16 results: both multiply the same bfloat16 operands in float32, so they differ
+    only where a float32 result rounds to the other side of a bfloat16 value before the next product (up to
+    ~1 % through Qwen3's query/key norms; a tenth of that in BERT). Losses agree to float32 rounding."""
+    if family == "bert":
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=96, vocab_size=128, max_position_embeddings=64)
+    else:
+        config = transformers.Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=128,
+                                          max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    input_ids = jnp.asarray(rng.integers(2, 128, (2, 40)), jnp.int32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 23 + [2] * 12 + [0] * 5, [1] * 40], 1, axis=0), jnp.int32)
+    assert amx.available()
+    results = {}
+    for use_amx in (True, False):
+        monkeypatch.setattr(amx, "enabled", lambda: use_amx)
+        jax.clear_caches()  # custom_vjp rules are traced once per signature and cached: trace them anew
+        results[use_amx] = _gradients(config, input_ids, segment_ids)
+    (loss_amx, grads_amx), (loss_xla, grads_xla) = results[True], results[False]
+    np.testing.assert_allclose(float(loss_amx), float(loss_xla), rtol=1e-5)
+    largest = max(float(np.abs(leaf).max()) for leaf in jax.tree_util.tree_leaves(grads_xla))
+    for (path, ours), (_, theirs) in zip(jax.tree_util.tree_leaves_with_path(grads_amx),
+                                          jax.tree_util.tree_leaves_with_path(grads_xla)):
+        # Relative to each parameter's own scale; gradients that are zero in exact arithmetic (the key bias:
+        # softmax ignores a constant shift) hold only rounding noise, compared against the largest gradient.
+        scale = max(float(np.abs(np.asarray(theirs)).max()), 1e-4 * largest)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=tolerance * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@needs_amx
+def test_layers_use_it_only_with_one_device():
+    """The test session has 8 virtual devices: a custom call has no sharding rule, so XLA's products stay."""
+    assert jax.device_count() == 8 and not amx.enabled()
+    code = "import jax; from jaxrm.kernels import amx; print(jax.device_count(), amx.enabled())"
+    environ = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environ).stdout
+    assert out.split() == ["1", "True"]
