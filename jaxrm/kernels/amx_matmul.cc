@@ -63,17 +63,32 @@ inline uint16_t BValue(const Problem& p, int64_t depth, int64_t column) {
   return p.transpose_b ? p.b[column * p.k + depth] : p.b[depth * p.n + column];
 }
 
+// The 16 bfloat16 values at `even` and the 16 at `odd`, interleaved: (even[0], odd[0], even[1], odd[1], ...).
+inline __m512i InterleavePairs(const uint16_t* even, const uint16_t* odd) {
+  const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i low = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
+  const __m512i high = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd)));
+  return _mm512_permutex2var_epi16(low, order, high);
+}
+
 void PackATile(const Problem& p, int64_t mb, int64_t kb, uint16_t* tile) {
   const int64_t row0 = mb * kRows, depth0 = kb * kDepth;
   const bool full = row0 + kRows <= p.m && depth0 + kDepth <= p.k;
   if (full && !p.transpose_a) {
     for (int64_t r = 0; r < kRows; ++r)
       std::memcpy(tile + r * kDepth, p.a + (row0 + r) * p.k + depth0, kTileBytes);
-  } else if (full) {  // a is [K, M]: each of its rows gives one column of the tile
-    for (int64_t d = 0; d < kDepth; ++d) {
-      const uint16_t* source = p.a + (depth0 + d) * p.m + row0;
-      for (int64_t r = 0; r < kRows; ++r) tile[r * kDepth + d] = source[r];
+  } else if (full) {
+    // a is [K, M]. Interleaving its rows 2j and 2j + 1 gives, for each tile row r, the j-th 32-bit word of that
+    // row (two consecutive depths); the tile is then the 16 x 16 transpose of those words.
+    alignas(64) uint32_t words[kRows][kRows];
+    for (int64_t j = 0; j < kRows; ++j) {
+      const uint16_t* even = p.a + (depth0 + 2 * j) * p.m + row0;
+      _mm512_store_si512(words[j], InterleavePairs(even, even + p.m));
     }
+    auto* tile_words = reinterpret_cast<uint32_t*>(tile);
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t j = 0; j < kRows; ++j) tile_words[r * kRows + j] = words[j][r];
   } else {
     for (int64_t r = 0; r < kRows; ++r)
       for (int64_t d = 0; d < kDepth; ++d) tile[r * kDepth + d] = AValue(p, row0 + r, depth0 + d);
@@ -84,13 +99,9 @@ void PackBTile(const Problem& p, int64_t nb, int64_t kb, uint16_t* tile) {
   const int64_t column0 = nb * kRows, depth0 = kb * kDepth;
   const bool full = column0 + kRows <= p.n && depth0 + kDepth <= p.k;
   if (full && !p.transpose_b) {  // interleave rows 2r and 2r + 1 of b
-    const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                                39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     for (int64_t r = 0; r < kRows; ++r) {
       const uint16_t* even = p.b + (depth0 + 2 * r) * p.n + column0;
-      const __m512i low = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even)));
-      const __m512i high = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + p.n)));
-      _mm512_storeu_si512(tile + r * kDepth, _mm512_permutex2var_epi16(low, interleave, high));
+      _mm512_storeu_si512(tile + r * kDepth, InterleavePairs(even, even + p.n));
     }
   } else if (full) {  // b is [N, K]: pairs along its rows are already adjacent; transpose them as 32-bit words
     auto* words = reinterpret_cast<uint32_t*>(tile);
