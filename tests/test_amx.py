@@ -1,6 +1,8 @@
 """jaxrm.kernels.amx: the AMX matrix product against float64 NumPy, and a model trained through it against XLA's
 products. The kernel tests need a CPU with AMX (skipped elsewhere: the layers then never call it)."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +17,9 @@ from flax import nnx
 from jaxrm.kernels import amx
 from jaxrm.models import RewardModel
 
-needs_amx = pytest.mark.skipif(not amx.cpu_has_amx(), reason="this CPU has no AMX tile unit")
+# Where the CPU has AMX and a C++ compiler is installed, the kernel must build: a failed build fails these tests.
+needs_amx = pytest.mark.skipif(not amx.cpu_has_amx() or not (shutil.which("c++") or shutil.which("g++")),
+                               reason="this CPU has no AMX tile unit, or no C++ compiler is installed")
 
 FLAGS = "flags\t\t: fpu sse avx512f avx512_bf16 {} arch_capabilities\n"
 
@@ -30,7 +34,7 @@ def test_cpu_has_amx_reads_both_flags():
 def test_jaxrm_amx_0_turns_it_off():
     code = "from jaxrm.kernels import amx; print(amx.available(), amx.enabled())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "JAXRM_AMX": "0"}).stdout
+                         env={**os.environ, "JAXRM_AMX": "0"}).stdout
     assert out.split() == ["False", "False"]
 
 
@@ -132,6 +136,6 @@ def test_layers_use_it_only_with_one_device():
     """The test session has 8 virtual devices: a custom call has no sharding rule, so XLA's products stay."""
     assert jax.device_count() == 8 and not amx.enabled()
     code = "import jax; from jaxrm.kernels import amx; print(jax.device_count(), amx.enabled())"
-    environ = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environ).stdout
     assert out.split() == ["1", "True"]
