@@ -1,5 +1,6 @@
-"""jaxrm.kernels.amx: the AMX matrix product against float64 NumPy, and a model trained through it against XLA's
-products. The kernel tests need a CPU with AMX (skipped elsewhere: the layers then never call it)."""
+"""jaxrm.kernels.amx: the AMX matrix product against float64 NumPy, and reward models' gradients through it against
+XLA's products. The kernel tests need a CPU with AMX and a C++ compiler (skipped elsewhere: the layers then never
+call it)."""
 
 import os
 import shutil

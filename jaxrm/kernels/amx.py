@@ -1,8 +1,9 @@
-"""Matrix products on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, ~4–6× XLA's own on the same cores.
+"""Matrix products on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, as fast as XLA's best and up to 4× faster.
 
-XLA:CPU multiplies bfloat16 matrices with AVX512-BF16 instructions (~0.35 TFLOP/s on two Sapphire Rapids
-cores); the AMX tile unit next to them does far more multiply-adds per cycle, and PyTorch's oneDNN uses it
-(~2.5 TFLOP/s on the same two cores). ``amx_matmul.cc`` beside this file is a small AMX kernel exposed to
+PyTorch's oneDNN multiplies bfloat16 on the AMX tile unit at ~2.5 TFLOP/s on two Sapphire Rapids cores.
+XLA:CPU (jax 0.10) reaches the tiles for some shapes only: ~1.8 TFLOP/s for a dense layer's forward
+product, ~0.2 for its weight gradient (a contraction over the tokens), and attention's batched backward
+products run as float32 Eigen dots. ``amx_matmul.cc`` beside this file is a small AMX kernel exposed to
 XLA as an FFI custom call; this module builds it with the system C++ compiler on first use (cached under
 ``$JAXRM_CACHE_DIR``, default ``~/.cache/jaxrm``), registers it, and offers
 
@@ -11,8 +12,8 @@ XLA as an FFI custom call; this module builds it with the system C++ compiler on
 as `matmul`. `enabled` says whether it is used: on a CPU whose flags include ``amx_bf16`` and
 ``amx_tile``, with JAX on its CPU backend with one device (a custom call carries no sharding rule, so on a
 multi-device mesh XLA's own products stay), unless ``JAXRM_AMX=0``. Where it is not (no AMX, no
-compiler, another backend), jaxrm's layers use ``jax.lax.dot_general`` as before; the reason is logged
-once.
+compiler, another backend), jaxrm's layers use ``jax.lax.dot_general`` as before; a failed build is
+logged once.
 
 Example:
     >>> import jax.numpy as jnp
@@ -112,6 +113,11 @@ def available() -> bool:
 def enabled() -> bool:
     """Whether jaxrm's layers route their bfloat16 products here now (see the module docstring)."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def takes(*operands: jax.Array) -> bool:
+    """Whether a product of these operands goes here: all bfloat16, and `enabled`."""
+    return all(operand.dtype == jnp.bfloat16 for operand in operands) and enabled()
 
 
 def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:

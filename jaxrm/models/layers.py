@@ -79,7 +79,7 @@ def segment_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Arra
 
 
 def _accumulate(lhs: jax.Array, rhs: jax.Array, contracting: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
-    if lhs.dtype == rhs.dtype == jnp.bfloat16 and amx.enabled():
+    if amx.takes(lhs, rhs):
         product = _amx_product(lhs, rhs, contracting)
         if product is not None:
             return product
@@ -200,7 +200,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
 def _batch_matmul(lhs: jax.Array, rhs: jax.Array, transpose_lhs: bool = False, transpose_rhs: bool = False) -> jax.Array:
     """``op(lhs) @ op(rhs)`` over the last two axes of [B, K, ·, ·] operands, accumulated and returned in float32
     (``op`` transposes those two axes when asked)."""
-    if lhs.dtype == rhs.dtype == jnp.bfloat16 and amx.enabled():
+    if amx.takes(lhs, rhs):
         return amx.matmul(lhs, rhs, transpose_a=transpose_lhs, transpose_b=transpose_rhs)
     contracting = ((2,) if transpose_lhs else (3,), (3,) if transpose_rhs else (2,))
     return jax.lax.dot_general(lhs, rhs, (contracting, ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
