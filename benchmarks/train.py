@@ -9,9 +9,11 @@ batch of ``batch`` pairs × ``length`` tokens of random ids, every token real:
 
 - compile time (lower + compile) and step time (median / min / max of ``repeats`` after one warm-up);
 - pairs/s and tokens/s;
-- FLOPs of one step from XLA's cost analysis, the achieved FLOP/s, and its fraction of the peak of a
-  JAX matmul of the model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the
-  compute ``--dtype``, float32 accumulation) measured in the same process just before;
+- FLOPs of one step from XLA's cost analysis (of the step with XLA's own products: it does not count the
+  AMX kernel's custom calls), the achieved FLOP/s, and its fraction of the peak of a JAX matmul of the
+  model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the compute ``--dtype``,
+  float32 accumulation) measured in the same process just before: XLA's product, and where the layers use
+  `jaxrm.kernels.amx` that kernel's too, the higher of the two;
 - memory: XLA's temporary buffers of the step (``memory_analysis``) and the process's peak RSS;
 - compilations over a run: for MiniLM, the distinct bucket shapes the first ``--run-steps`` batches of
   ``configs/minilm-hh.yaml``'s data take through the engine's batching (one compilation each; the
@@ -59,7 +61,7 @@ def _config(model: str, batch: int, length: int, devices: int, dtype: str):
 
 def _build(config):
     from jaxrm.models.registry import family_for  # noqa: F401  (registers the families)
-    from jaxrm.train.run_dir import build_model, build_tokenizer
+    from jaxrm.train.run_dir import build_model, build_tokenizer, model_options
 
     if config.model.path is not None:
         tokenizer = build_tokenizer(config)
@@ -69,7 +71,7 @@ def _build(config):
     from flax import nnx
 
     hf_config = transformers.AutoConfig.for_model(**config.model.config)
-    return RewardModel.from_config(hf_config, rngs=nnx.Rngs(0))
+    return RewardModel.from_config(hf_config, rngs=nnx.Rngs(0), **model_options(config.model))
 
 
 def _random_batch(batch: int, length: int, vocab: int):
@@ -91,15 +93,18 @@ def _random_batch(batch: int, length: int, vocab: int):
     )
 
 
-def matmul_peak(rows: int, inner: int, outer: int, repeats: int, dtype: str = "float32") -> float:
+def matmul_peak(rows: int, inner: int, outer: int, repeats: int, dtype: str = "float32", amx: bool = False) -> float:
     """FLOP/s of a jitted [rows, inner] × [inner, outer] matmul with ``dtype`` operands and float32
-    accumulation (the product `jaxrm.models.layers.matmul` runs), best of ``repeats``."""
+    accumulation (the product `jaxrm.models.layers.matmul` runs), best of ``repeats``: XLA's, or with
+    ``amx`` the AMX kernel's (`jaxrm.kernels.amx`)."""
     import jax
     import jax.numpy as jnp
 
+    from jaxrm.kernels import amx as kernel
+
     a = jax.random.normal(jax.random.key(0), (rows, inner), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (inner, outer), jnp.float32).astype(dtype)
-    product = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    product = jax.jit(kernel.matmul if amx else lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     product(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -137,9 +142,21 @@ def run_compilations(run_steps: int) -> dict | None:
             "padding_fraction": 1 - real / padded if padded else None}
 
 
+def _flops(step, state, batch_arrays) -> float:
+    """FLOPs of one train step (gradient step + optimizer update), from XLA's cost analysis."""
+    import jax
+
+    grads, metrics = jax.eval_shape(step.gradient_step, state, batch_arrays)
+    programs = (step.gradient_step.lower(state, batch_arrays), step.update_step.lower(state, grads, metrics["loss"]))
+    costs = [program.compile().cost_analysis() for program in programs]
+    return sum(float((c[0] if isinstance(c, list) else c).get("flops", float("nan"))) for c in costs)
+
+
 def measure(model_name: str, devices: int, batch: int, length: int, repeats: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
+
+    from jaxrm.kernels import amx
 
     from jaxrm.train.mesh import batch_sharding, global_batch, make_mesh, on_mesh, replicated, state_shardings
     from jaxrm.train.optimizer import make_optimizer
@@ -151,7 +168,10 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     model = _build(config)
     spec = model.backbone.spec
     dominant = (batch * 2 * length, spec.hidden_size, spec.intermediate_size)
-    peak = matmul_peak(*dominant, repeats=max(repeats, 30), dtype=dtype)  # a maximum: many tries, ~35 ms each
+    peaks = {"xla": matmul_peak(*dominant, repeats=max(repeats, 30), dtype=dtype)}  # a maximum: many tries
+    if dtype == "bfloat16" and amx.enabled():
+        peaks["amx"] = matmul_peak(*dominant, repeats=max(repeats, 30), dtype=dtype, amx=True)
+    peak = max(peaks.values())  # the best this machine multiplies that shape through JAX
 
     mesh = make_mesh(config.mesh)
     reward_fn, params = split_model(model)
@@ -163,6 +183,13 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
                           batch_sharding=batch_sharding(mesh), replicated=replicated(mesh))
     batch_arrays = global_batch(_random_batch(batch, length, spec.vocab_size), mesh)
 
+    # FLOPs from XLA's cost analysis of the step with XLA's own products: it counts no custom call, so the
+    # program that multiplies on AMX tiles (jaxrm.kernels.amx) would show only its non-product FLOPs.
+    with amx.xla_products():
+        xla_program = jit_train_step(reward_fn, optimizer, config.loss, state_sharding=state_sharding,
+                                     batch_sharding=batch_sharding(mesh), replicated=replicated(mesh))
+        flops = _flops(xla_program, state, batch_arrays)
+
     # The loop's two programs, compiled ahead of time: gradient step (per bucket) and optimizer update.
     started = time.perf_counter()
     gradient_step = step.gradient_step.lower(state, batch_arrays).compile()
@@ -171,8 +198,6 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     update_step = step.update_step.lower(state, grads, metrics["loss"]).compile()
     compile_seconds = time.perf_counter() - started
     compiled = TrainStep(gradient_step, update_step)
-    costs = [c[0] if isinstance(c, list) else c for c in (gradient_step.cost_analysis(), update_step.cost_analysis())]
-    flops = sum(float(c.get("flops", float("nan"))) for c in costs)
     memory = gradient_step.memory_analysis()
 
     state, metrics = compiled(state, batch_arrays)
@@ -193,7 +218,7 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
         "step_median_s": median, "step_min_s": min(seconds), "step_max_s": max(seconds),
         "pairs_per_s": batch / median, "tokens_per_s": batch * 2 * length / median,
         "step_flops": flops, "achieved_flops_per_s": flops / median,
-        "matmul_shape": list(dominant), "matmul_peak_flops_per_s": peak,
+        "matmul_shape": list(dominant), "matmul_peak_flops_per_s": peak, "matmul_peaks_flops_per_s": peaks,
         "fraction_of_matmul_peak": flops / median / peak,
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -140,3 +140,24 @@ def test_layers_use_it_only_with_one_device():
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environ).stdout
     assert out.split() == ["1", "True"]
+
+
+@needs_amx
+def test_xla_products_traces_without_the_kernel():
+    """Inside `amx.xla_products` the layers trace XLA's dots (what `jaxrm bench train` counts FLOPs on), before and
+    after it the kernel; a jitted function traced before is traced anew."""
+    code = """
+import jax, jax.numpy as jnp
+from jaxrm.kernels import amx
+from jaxrm.models.layers import matmul
+x, w = jnp.ones((32, 64)), jnp.ones((64, 48))
+product = jax.jit(lambda x, w: matmul(x, w, jnp.bfloat16))
+uses = lambda: amx.TARGET in product.lower(x, w).as_text()
+before = uses()
+with amx.xla_products():
+    inside = uses()
+print(before, inside, uses())
+"""
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environ).stdout
+    assert out.split() == ["True", "False", "True"]
