@@ -82,6 +82,90 @@ def test_matmul_rejects_what_it_cannot_multiply():
         amx.matmul(jnp.ones((2, 4, 3), jnp.bfloat16), jnp.ones((3, 3, 5), jnp.bfloat16))
 
 
+def _attention_reference(query, key, value, bias, out_grad):
+    """`amx.attention` and its gradients in float64 NumPy, bias rows broadcast as the kernel takes them."""
+    q, k, v, b, g = (np.asarray(x, np.float64) for x in (query, key, value, bias, out_grad))
+    items, queries, _ = q.shape
+    b = np.tile(np.repeat(b, items // b.shape[0], axis=0), (1, queries // b.shape[1], 1))
+    scores = q @ np.swapaxes(k, -1, -2) + b
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ v
+    scores_grad = p * (g @ np.swapaxes(v, -1, -2) - (g * out).sum(-1, keepdims=True))
+    return out, p, scores_grad @ k, np.swapaxes(scores_grad, -1, -2) @ q, np.swapaxes(p, -1, -2) @ g
+
+
+# (items, bias rows, queries, bias positions T, keys, head dim): whole tiles, ragged edges everywhere, two query
+# heads per key/value head (queries = 2 T), one bias row for all items, and wide heads.
+ATTENTION_SHAPES = [(6, 3, 256, 128, 256, 32), (4, 2, 50, 25, 37, 20), (2, 1, 16, 16, 16, 64), (3, 3, 33, 33, 33, 128)]
+
+
+@needs_amx
+@pytest.mark.parametrize("items, rows, queries, positions, keys, depth", ATTENTION_SHAPES)
+def test_attention_matches_float64_numpy(items, rows, queries, positions, keys, depth):
+    """Forward and backward of the fused attention against float64: the products take bfloat16 operands (P, dO
+    and dS rounded to bfloat16, as XLA's bfloat16 attention does), so agreement is to bfloat16's ~0.4 %, on
+    the scale of each output. Row 0 of the first bias masks every key: that query attends uniformly."""
+    rng = np.random.default_rng(queries + keys + depth)
+    query = jnp.asarray(0.3 * rng.standard_normal((items, queries, depth)), jnp.bfloat16)
+    key, value = (jnp.asarray(rng.standard_normal((items, keys, depth)), jnp.bfloat16) for _ in range(2))
+    mask = rng.random((rows, positions, keys)) < 0.8
+    mask[0, 0] = False
+    bias = jnp.asarray(np.where(mask, 0.0, -1e30), jnp.float32)
+    out_grad = jnp.asarray(rng.standard_normal((items, queries, depth)), jnp.float32)
+    out, probabilities = jax.jit(amx.attention)(query, key, value, bias)
+    grads = jax.jit(amx.attention_backward)(query, key, value, probabilities, out, out_grad)
+    assert out.dtype == jnp.float32 and probabilities.dtype == jnp.bfloat16
+    references = _attention_reference(query, key, value, bias, out_grad)
+    np.testing.assert_allclose(np.asarray(probabilities[0, 0], np.float64), np.full(keys, 1 / keys), rtol=4e-3)
+    for name, ours, reference in zip(["out", "P", "dQ", "dK", "dV"], [out, probabilities, *grads], references):
+        assert ours.shape == reference.shape, name
+        np.testing.assert_allclose(np.asarray(ours, np.float64), reference, atol=1.2e-2 * np.abs(reference).max(),
+                                   err_msg=name)
+        error = np.abs(np.asarray(ours, np.float64) - reference).max() / np.abs(reference).max()
+        assert error < 1e-2, (name, error)
+
+
+@needs_amx
+def test_attention_rejects_what_it_cannot_attend():
+    q, kv = jnp.ones((2, 8, 16), jnp.bfloat16), jnp.ones((2, 4, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="bias float32"):
+        amx.attention(q, kv, kv, jnp.zeros((2, 3, 4)))  # T = 3 does not divide 8 queries
+    with pytest.raises(ValueError, match="bfloat16"):
+        amx.attention(q.astype(jnp.float32), kv, kv, jnp.zeros((2, 8, 4)))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        amx.attention_backward(q, kv, kv, jnp.ones((2, 8, 5), jnp.bfloat16), q, q)
+
+
+@needs_amx
+@pytest.mark.parametrize("mask_shape", [(3, 1, 20, 24), (3, 1, 1, 24), (3, 4, 20, 24)])
+def test_layers_attention_through_amx_matches_xla(mask_shape, monkeypatch):
+    """`layers.attention` (grouped-query: 4 query heads on 2 key/value heads) with the fused kernel against
+    XLA's path: a mask per batch row, a padding mask broadcast over queries, and a mask per head (which the
+    kernel does not take: XLA's path runs, so the two agree exactly)."""
+    from jaxrm.models.layers import attention
+
+    rng = np.random.default_rng(1)
+    query = jnp.asarray(rng.standard_normal((3, 20, 4, 16)), jnp.float32)
+    key, value = (jnp.asarray(rng.standard_normal((3, 24, 2, 16)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random(mask_shape) < 0.7)
+    weights = jnp.asarray(rng.standard_normal(query.shape), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(weights * attention(q, k, v, mask, scale=0.25, dtype=jnp.bfloat16))
+
+    results = {}
+    for use_amx in (True, False):
+        monkeypatch.setattr(amx, "enabled", lambda: use_amx)
+        jax.clear_caches()
+        function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        results[use_amx] = (function(query, key, value), "jaxrm_amx_attention" in function.lower(query, key, value).as_text())
+    (ours, fused), (theirs, fused_xla) = results[True], results[False]
+    assert fused == (mask_shape[1] == 1) and not fused_xla
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-3 * float(np.abs(b).max()))
+
+
 def _gradients(config, input_ids, segment_ids):
     model = RewardModel.from_config(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
     graphdef, params = nnx.split(model, nnx.Param)

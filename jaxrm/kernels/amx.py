@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "jaxrm_amx_matmul"
-COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mamx-tile",
+ATTENTION, ATTENTION_BACKWARD = "jaxrm_amx_attention", "jaxrm_amx_attention_backward"
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile",
                  "-mamx-bf16")
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def available() -> bool:
     if library.jaxrm_amx_request() != 0:
         log.warning("AMX matrix products are off: Linux refused the AMX tile state (arch_prctl)")
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.jaxrm_amx_matmul), platform="cpu")
+    for target in (TARGET, ATTENTION, ATTENTION_BACKWARD):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return True
 
 
@@ -165,3 +167,63 @@ def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: b
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((math.prod(batch), m, n), jnp.float32))
     product = call(flat(a), flat(b), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
     return product.reshape(*batch, m, n)
+
+
+def _require(what: str) -> None:
+    if not available():
+        raise RuntimeError(f"AMX {what} is not available here (no AMX, no C++ compiler, or JAXRM_AMX=0)")
+
+
+def _items(x: jax.Array) -> jax.Array:
+    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention fused on the tiles: ``P = softmax(query keyᵀ + bias)`` by rows, ``out = P value``.
+
+    Shapes: ``query`` [..., Q, D], ``key`` and ``value`` [..., S, D] (bfloat16, the same leading axes: an
+    *item*, e.g. a batch row and a key/value head); ``bias`` float32 [B, T, S], where the ``B`` bias rows
+    divide the items in order (item ``i`` takes ``bias[i // (items // B)]``) and ``T`` divides ``Q``
+    (query ``r`` takes bias row ``r mod T``: the heads of a group one after another). Scale ``query``
+    beforehand. Returns ``out`` float32 [..., Q, D] and ``P`` bfloat16 [..., Q, S] (what
+    `attention_backward` reads). Each item's scores stay in one core's cache: the products and the
+    float32 softmax run back to back, and no pass over the scores is left to XLA.
+    """
+    _require("attention")
+    items = math.prod(query.shape[:-2])
+    queries, keys = query.shape[-2], key.shape[-2]
+    if not (query.dtype == key.dtype == value.dtype == jnp.bfloat16 and bias.dtype == jnp.float32) \
+            or key.shape != value.shape or key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1] \
+            or bias.ndim != 3 or bias.shape[2] != keys or items % bias.shape[0] or queries % bias.shape[1] or keys == 0:
+        raise ValueError(f"amx.attention: query, key, value must be bfloat16 [..., Q, D], [..., S, D], [..., S, D] and "
+                         f"bias float32 [B, T, S] with B dividing the items and T dividing Q; got {query.dtype}"
+                         f"{list(query.shape)}, {key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
+                         f"{bias.dtype}{list(bias.shape)}.")
+    call = jax.ffi.ffi_call(ATTENTION, (jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32),
+                                        jax.ShapeDtypeStruct((items, queries, keys), jnp.bfloat16)))
+    out, probabilities = call(_items(query), _items(key), _items(value), bias)
+    return out.reshape(query.shape), probabilities.reshape(*query.shape[:-1], keys)
+
+
+def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,
+                       out: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients of `attention` with respect to ``query``, ``key`` and ``value`` (float32), from its
+    ``probabilities`` P and ``out`` O and the gradient ``out_grad`` dO (float32) of its output:
+
+        dV = Pᵀ dO    dP = dO Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS K    dK = dSᵀ Q
+
+    (the bias gets dS, which nothing here needs). The products multiply bfloat16 operands (dO and dS
+    rounded to bfloat16) with float32 accumulation.
+    """
+    _require("attention")
+    items = math.prod(query.shape[:-2])
+    if probabilities.shape != (*query.shape[:-1], key.shape[-2]) or out.shape != query.shape \
+            or out_grad.shape != query.shape or probabilities.dtype != jnp.bfloat16:
+        raise ValueError(f"amx.attention_backward: shapes do not match: query {list(query.shape)}, key "
+                         f"{list(key.shape)}, probabilities {probabilities.dtype}{list(probabilities.shape)}, out "
+                         f"{list(out.shape)}, out_grad {list(out_grad.shape)}.")
+    f32 = lambda x: jax.ShapeDtypeStruct((items, *x.shape[-2:]), jnp.float32)
+    call = jax.ffi.ffi_call(ATTENTION_BACKWARD, (f32(query), f32(key), f32(value)))
+    grads = call(_items(query), _items(key), _items(value), _items(probabilities), _items(out.astype(jnp.float32)),
+                 _items(out_grad.astype(jnp.float32)))
+    return tuple(grad.reshape(x.shape) for grad, x in zip(grads, (query, key, value)))

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -277,12 +278,17 @@ struct Work {
   std::atomic<int64_t> next_tile{0}, packed_tiles{0}, next_block{0}, finished_blocks{0};
 };
 
-// Runs the product on the calling thread and on every other thread of XLA's intra-op pool that is free to
-// help (its tasks are queued with XLA's own, so the cores are not oversubscribed).
-void Multiply(Problem p, int64_t batch, ffi::ThreadPool& pool) {
+// Tile counts of p: rows and columns rounded up to whole 2 x 2 blocks of tiles.
+void CountTiles(Problem& p) {
   p.row_blocks = 2 * ((p.m + 2 * kRows - 1) / (2 * kRows));
   p.column_blocks = 2 * ((p.n + 2 * kRows - 1) / (2 * kRows));
   p.depth_blocks = (p.k + kDepth - 1) / kDepth;
+}
+
+// Runs the product on the calling thread and on every other thread of XLA's intra-op pool that is free to
+// help (its tasks are queued with XLA's own, so the cores are not oversubscribed).
+void Multiply(Problem p, int64_t batch, ffi::ThreadPool& pool) {
+  CountTiles(p);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto work = std::make_shared<Work>(p, batch, threads);
   for (int64_t helper = 1; helper < threads; ++helper) pool.Schedule([work] { work->Participate(); });
@@ -317,6 +323,249 @@ ffi::Error AmxMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer
   return ffi::Error::Success();
 }
 
+
+// ---- Attention ------------------------------------------------------------------------------------
+//
+// Softmax attention, one item (a batch row and a key/value head) at a time on one thread: every product on
+// the tiles and the softmax in AVX-512 between them, so that an item's scores never leave the core's cache
+// and no pass over them is left to XLA:
+//
+//   forward:   S = Q K^T + bias      P = softmax(S) by rows      O = P V
+//   backward:  dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O))    dQ = dS K    dK = dS^T Q
+//
+// Shapes of an item: Q [Qn, D] (the G query heads that share a key/value head one after another, T positions
+// each, already scaled), K and V [S, D], P [Qn, S]; the bias [T, S] is shared by the heads of a batch row, so
+// query row r takes bias row r mod T.
+
+Problem Product(const uint16_t* a, const uint16_t* b, float* c, int64_t m, int64_t n, int64_t k,
+                bool transpose_a, bool transpose_b) {
+  Problem p{};
+  p.a = a, p.b = b, p.c = c, p.m = m, p.n = n, p.k = k, p.transpose_a = transpose_a, p.transpose_b = transpose_b;
+  CountTiles(p);
+  return p;
+}
+
+// An item's scratch, one per thread: it grows to the largest item seen and is kept for the next call.
+struct ItemScratch {
+  TileBuffer packed_a, packed_b;
+  int64_t a_capacity = 0, b_capacity = 0;
+  std::unique_ptr<float[]> scores;
+  std::unique_ptr<uint16_t[]> values;  // bfloat16
+  int64_t score_capacity = 0, value_capacity = 0;
+
+  float* Scores(int64_t count) {
+    if (count > score_capacity) scores.reset(new float[score_capacity = count]);
+    return scores.get();
+  }
+  uint16_t* Values(int64_t count) {
+    if (count > value_capacity) values.reset(new uint16_t[value_capacity = count]);
+    return values.get();
+  }
+
+  // The whole product p on this thread (its tiles configured).
+  void Multiply(const Problem& p) {
+    const int64_t a_tiles = p.row_blocks * p.depth_blocks, b_tiles = p.column_blocks * p.depth_blocks;
+    if (a_tiles > a_capacity) packed_a = NewTileBuffer(a_capacity = a_tiles);
+    if (b_tiles > b_capacity) packed_b = NewTileBuffer(b_capacity = b_tiles);
+    for (int64_t t = 0; t < a_tiles; ++t)
+      PackATile(p, t / p.depth_blocks, t % p.depth_blocks, packed_a.get() + t * kTileValues);
+    for (int64_t t = 0; t < b_tiles; ++t)
+      PackBTile(p, t / p.depth_blocks, t % p.depth_blocks, packed_b.get() + t * kTileValues);
+    for (int64_t mb = 0; mb < p.row_blocks; mb += 2)
+      for (int64_t nb = 0; nb < p.column_blocks; nb += 2) MultiplyBlock(p, packed_a.get(), packed_b.get(), mb, nb);
+  }
+};
+
+thread_local ItemScratch item_scratch;
+
+// Runs item(i) for i in [0, count) on the calling thread and on XLA's intra-op pool, one item per claim.
+template <typename Item>
+void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto participate = [progress, count, item] {
+    bool configured = false;
+    for (int64_t i; (i = progress->next.fetch_add(1)) < count;) {
+      if (!configured) ConfigureTiles(), configured = true;
+      item(i);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+    if (configured) _tile_release();
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([participate] { participate(); });
+  participate();
+  while (progress->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+}
+
+// e^x for x <= 0 (Cephes' expf polynomial after reducing by ln 2; relative error ~1e-7), exactly 0 below -87.
+inline __m512 ExpNonPositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
+}
+
+// float32 -> bfloat16, rounding to nearest even (as XLA's convert), for the lanes in `lanes`.
+inline void StoreBF16(uint16_t* out, __m512 x, __mmask16 lanes) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(out, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+inline __m512 LoadBF16(const uint16_t* in, __mmask16 lanes) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, in));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline __mmask16 Lanes(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// p = softmax(s + bias) over n values, in bfloat16; s is overwritten.
+void SoftmaxRow(float* s, const float* bias, int64_t n, uint16_t* p) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = Lanes(n - j);
+    const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, s + j), _mm512_maskz_loadu_ps(lanes, bias + j));
+    _mm512_mask_storeu_ps(s + j, lanes, x);
+    top = _mm512_mask_max_ps(top, lanes, top, x);
+  }
+  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = Lanes(n - j);
+    const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), row_max));
+    _mm512_mask_storeu_ps(s + j, lanes, e);
+    total = _mm512_mask_add_ps(total, lanes, total, e);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = Lanes(n - j);
+    StoreBF16(p + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), inverse), lanes);
+  }
+}
+
+struct AttentionShape {
+  int64_t items, queries, keys, depth, positions, items_per_bias;  // I, Qn, S, D, T, I / (bias rows)
+};
+
+void AttentionForwardItem(const AttentionShape& shape, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                          const float* bias, float* o, uint16_t* p) {
+  const int64_t qn = shape.queries, s = shape.keys, d = shape.depth;
+  ItemScratch& scratch = item_scratch;
+  float* scores = scratch.Scores(qn * s);
+  scratch.Multiply(Product(q, k, scores, qn, s, d, false, true));  // Q K^T
+  for (int64_t r = 0; r < qn; ++r) SoftmaxRow(scores + r * s, bias + (r % shape.positions) * s, s, p + r * s);
+  scratch.Multiply(Product(p, v, o, qn, d, s, false, false));  // P V
+}
+
+void AttentionBackwardItem(const AttentionShape& shape, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                           const uint16_t* p, const float* o, const float* out_grad, float* dq, float* dk,
+                           float* dv) {
+  const int64_t qn = shape.queries, s = shape.keys, d = shape.depth;
+  ItemScratch& scratch = item_scratch;
+  float* row_dot = scratch.Scores(qn * s + qn);
+  float* dp = row_dot + qn;
+  uint16_t* dout = scratch.Values(qn * d + qn * s);  // dO, then dS, in bfloat16
+  uint16_t* ds = dout + qn * d;
+  for (int64_t r = 0; r < qn; ++r) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 lanes = Lanes(d - j);
+      const __m512 g = _mm512_maskz_loadu_ps(lanes, out_grad + r * d + j);
+      sum = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(lanes, o + r * d + j), sum);
+      StoreBF16(dout + r * d + j, g, lanes);
+    }
+    row_dot[r] = _mm512_reduce_add_ps(sum);
+  }
+  scratch.Multiply(Product(p, dout, dv, s, d, qn, true, false));   // dV = P^T dO
+  scratch.Multiply(Product(dout, v, dp, qn, s, d, false, true));   // dP = dO V^T
+  for (int64_t r = 0; r < qn; ++r) {
+    const __m512 dot = _mm512_set1_ps(row_dot[r]);
+    for (int64_t j = 0; j < s; j += 16) {
+      const __mmask16 lanes = Lanes(s - j);
+      const __m512 grad = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + r * s + j), dot);
+      StoreBF16(ds + r * s + j, _mm512_mul_ps(LoadBF16(p + r * s + j, lanes), grad), lanes);
+    }
+  }
+  scratch.Multiply(Product(ds, k, dq, qn, d, s, false, false));  // dQ = dS K
+  scratch.Multiply(Product(ds, q, dk, s, d, qn, true, false));   // dK = dS^T Q
+}
+
+// Checks the shapes of q [I, Qn, D], k and v [I, S, D] and bias [B, T, S] (T divides Qn, B divides I).
+ffi::Error ReadAttentionShape(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
+                              ffi::Span<const int64_t> bias, AttentionShape& shape) {
+  if (q.size() != 3 || k.size() != 3 || v.size() != 3 || bias.size() != 3)
+    return ffi::Error::InvalidArgument("jaxrm_amx_attention takes q, k, v and bias of rank 3");
+  shape = {q[0], q[1], k[1], q[2], bias[1], 0};
+  if (k[0] != shape.items || v[0] != shape.items || k[2] != shape.depth || v[1] != shape.keys ||
+      v[2] != shape.depth || bias[2] != shape.keys || bias[0] < 1 || shape.items % bias[0] != 0 ||
+      shape.positions < 1 || shape.queries % shape.positions != 0 || shape.keys < 1)
+    return ffi::Error::InvalidArgument("jaxrm_amx_attention: operand shapes do not match");
+  shape.items_per_bias = shape.items / bias[0];
+  return ffi::Error::Success();
+}
+
+template <typename T>
+const uint16_t* Bits(const T& buffer) {
+  return reinterpret_cast<const uint16_t*>(buffer.untyped_data());
+}
+
+ffi::Error AmxAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                        ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
+                        ffi::ResultBuffer<ffi::BF16> p) {
+  AttentionShape shape;
+  if (ffi::Error error = ReadAttentionShape(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(), shape);
+      error.failure())
+    return error;
+  const uint16_t *qs = Bits(q), *ks = Bits(k), *vs = Bits(v);
+  const float* biases = bias.typed_data();
+  float* os = o->typed_data();
+  uint16_t* ps = reinterpret_cast<uint16_t*>(p->untyped_data());
+  const int64_t qd = shape.queries * shape.depth, sd = shape.keys * shape.depth, qs_ = shape.queries * shape.keys;
+  ForEachItem(pool, shape.items, [=](int64_t i) {
+    AttentionForwardItem(shape, qs + i * qd, ks + i * sd, vs + i * sd,
+                         biases + (i / shape.items_per_bias) * shape.positions * shape.keys, os + i * qd, ps + i * qs_);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AmxAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                                ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::BF16> p, ffi::Buffer<ffi::F32> o,
+                                ffi::Buffer<ffi::F32> out_grad, ffi::ResultBuffer<ffi::F32> dq,
+                                ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  AttentionShape shape;
+  const auto q_dims = q.dimensions(), p_dims = p.dimensions();
+  // p [I, Qn, S] stands in for the bias's shape: one bias row per query, T = Qn.
+  if (ffi::Error error = ReadAttentionShape(q_dims, k.dimensions(), v.dimensions(), p_dims, shape); error.failure())
+    return error;
+  if (p_dims[0] != shape.items || p_dims[1] != shape.queries)
+    return ffi::Error::InvalidArgument("jaxrm_amx_attention_backward: operand shapes do not match");
+  const uint16_t *qs = Bits(q), *ks = Bits(k), *vs = Bits(v), *ps = Bits(p);
+  const float *os = o.typed_data(), *gs = out_grad.typed_data();
+  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
+  const int64_t qd = shape.queries * shape.depth, sd = shape.keys * shape.depth, qs_ = shape.queries * shape.keys;
+  ForEachItem(pool, shape.items, [=](int64_t i) {
+    AttentionBackwardItem(shape, qs + i * qd, ks + i * sd, vs + i * sd, ps + i * qs_, os + i * qd, gs + i * qd,
+                          dqs + i * qd, dks + i * sd, dvs + i * sd);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_matmul, AmxMatmul,
@@ -327,6 +576,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_matmul, AmxMatmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention, AmxAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o
+                                  .Ret<ffi::Buffer<ffi::BF16>>()); // p
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention_backward, AmxAttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // p
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dO
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dv
 
 // Asks Linux for the AMX tile state (a process must before its first tile instruction); 0 when granted.
 extern "C" int jaxrm_amx_request() {

@@ -193,7 +193,13 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     heads_major = lambda x: x.transpose(0, 2, 1, 3).astype(dtype)  # [B, S, K, D] → [B, K, S, D]
     scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
     scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
-    out = _heads_major_attention(scaled, heads_major(key), heads_major(value), bias, groups, jnp.dtype(dtype))
+    key, value = heads_major(key), heads_major(value)
+    if bias.shape[1] == bias.shape[2] == 1 and amx.takes(scaled, key, value):
+        # One mask for every head of a batch row: fused on the AMX tiles, the bias as [B, T, S].
+        bias = jnp.broadcast_to(bias[:, 0, 0], (batch, length, key.shape[2]))
+        out = _amx_attention(scaled, key, value, bias)
+    else:
+        out = _heads_major_attention(scaled, key, value, bias, groups, jnp.dtype(dtype))
     return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(query.shape)
 
 
@@ -246,3 +252,22 @@ def _heads_major_attention_backward(groups, dtype, residuals, out_grad):
 
 
 _heads_major_attention.defvjp(_heads_major_attention_forward, _heads_major_attention_backward)
+
+
+@jax.custom_vjp
+def _amx_attention(query, key, value, bias):
+    return amx.attention(query, key, value, bias)[0]
+
+
+def _amx_attention_forward(query, key, value, bias):
+    out, probabilities = amx.attention(query, key, value, bias)
+    return out, (query, key, value, probabilities, out)
+
+
+def _amx_attention_backward(residuals, out_grad):
+    query, key, value, probabilities, out = residuals
+    query_grad, key_grad, value_grad = amx.attention_backward(query, key, value, probabilities, out, out_grad)
+    return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
+
+
+_amx_attention.defvjp(_amx_attention_forward, _amx_attention_backward)
