@@ -1,4 +1,4 @@
-"""Mixed-precision building blocks: `matmul` and `attention` against float64 NumPy and JAX references."""
+"""Mixed-precision building blocks: `matmul`, `attention` and `normalize` against float64 NumPy and JAX references."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, dense_together, matmul, positions_in_segment, segment_mask
+from jaxrm.models.layers import (Dense, attention, dense_together, matmul, normalize, positions_in_segment,
+                                 segment_mask)
 
 
 def _numpy_attention(query, key, value, mask, scale):
@@ -164,3 +165,62 @@ def test_dense_together_equals_the_layers_one_by_one(dtype):
     separate, fused = (nnx.grad(lambda ls, f=f: loss(ls, f))(nnx.List(layers)) for f in (False, True))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), nnx.state(separate),
                  nnx.state(fused))
+
+
+def _numpy_norm_gradients(x, scale, bias, out_grad, eps, center):
+    """LayerNorm / RMSNorm output and gradients in float64 by central differences of the textbook formula."""
+    def forward(x, scale, bias):
+        mean = x.mean(-1, keepdims=True) if center else 0.0
+        normed = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+        return normed * scale + (bias if center else 0.0)
+
+    def gradient(index):
+        args = [np.asarray(a, np.float64).copy() for a in (x, scale, bias)]
+        grad = np.zeros_like(args[index])
+        for position in np.ndindex(grad.shape):
+            value, step = args[index][position], 1e-6
+            args[index][position] = value + step
+            up = np.sum(forward(*args) * out_grad)
+            args[index][position] = value - step
+            down = np.sum(forward(*args) * out_grad)
+            args[index][position] = value
+            grad[position] = (up - down) / (2 * step)
+        return grad
+
+    return forward(*(np.asarray(a, np.float64) for a in (x, scale, bias))), [gradient(i) for i in range(3)]
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_normalize_and_its_written_out_gradients_match_central_differences(center):
+    rng = np.random.default_rng(3)
+    x = (3 * rng.standard_normal((2, 5, 12)) + 1).astype(np.float32)
+    scale, bias = (rng.standard_normal(12).astype(np.float32) for _ in range(2))
+    out_grad = rng.standard_normal((2, 5, 12))
+    out, vjp = jax.vjp(lambda x, s, b: normalize(x, s, b if center else None, eps=1e-5, dtype=jnp.float32,
+                                                   center=center), x, scale, bias)
+    grads = vjp(jnp.asarray(out_grad, jnp.float32))
+    reference, reference_grads = _numpy_norm_gradients(x, scale, bias, out_grad, 1e-5, center)
+    np.testing.assert_allclose(np.asarray(out), reference, atol=2e-5)
+    for name, ours, theirs in zip(["x", "scale", "bias"], grads, reference_grads):
+        if name == "bias" and not center:  # RMSNorm has no bias: the lambda's unused argument gets zeros
+            np.testing.assert_array_equal(np.asarray(ours), 0.0)
+            continue
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4, err_msg=name)
+
+
+def test_normalize_in_bfloat16_sums_parameter_gradients_in_float32():
+    """Over 4,096 rows, the scale and bias gradients are float32 sums (within float32 rounding of float64),
+    not bfloat16 ones (which would be off by ~1e-2 relative); the output is the bfloat16-rounded LayerNorm."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4096, 16)).astype(np.float32)
+    scale, bias = np.ones(16, np.float32), np.zeros(16, np.float32)
+    out_grad = (1 + 0.01 * rng.standard_normal((4096, 16))).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda x, s, b: normalize(x, s, b, eps=1e-5, dtype=jnp.bfloat16), x, scale, bias)
+    assert out.dtype == jnp.bfloat16
+    normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(out, np.float32), normed, atol=2e-2 * np.abs(normed).max())
+    _, scale_grad, bias_grad = vjp(out_grad)
+    g = np.asarray(out_grad, np.float64)
+    np.testing.assert_allclose(np.asarray(bias_grad), g.sum(0), rtol=1e-6)
+    rounded = np.asarray(jnp.asarray(normed.astype(np.float32)).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(scale_grad), (g * rounded).sum(0), rtol=1e-5, atol=1e-3)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, dense_together, logical_axes, positions_in_segment, segment_mask
+from jaxrm.models.layers import Dense, attention, normalize, dense_together, logical_axes, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"
@@ -104,11 +104,7 @@ class LayerNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        normed = ((x32 - mean) * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
-        return normed * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        return normalize(x, self.scale[...], self.bias[...], eps=self.eps, dtype=self.dtype)
 
 
 def _linear(in_features, out_features, axes, *, spec, dtype, param_dtype, rngs) -> Dense:

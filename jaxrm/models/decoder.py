@@ -25,7 +25,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, logical_axes, positions_in_segment, segment_mask
+from jaxrm.models.layers import Dense, attention, normalize, logical_axes, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_POOLING = "last"
@@ -165,9 +165,7 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+        return normalize(x, self.scale[...], None, eps=self.eps, dtype=self.dtype, center=False)
 
 
 def _linear(in_features, out_features, axes, *, bias, spec, dtype, param_dtype, rngs) -> Dense:

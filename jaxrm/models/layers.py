@@ -165,6 +165,61 @@ def dense_together(x: jax.Array, *layers: Dense) -> list[jax.Array]:
             for part, layer in zip(parts, layers)]
 
 
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, *, eps: float, dtype, center: bool = True
+              ) -> jax.Array:
+    """LayerNorm (``center``) or RMSNorm of ``x`` over its last axis, as transformers computes them: the
+    statistics in float32, the normalised values cast to ``dtype``, then scaled (and shifted) in ``dtype``:
+
+        n = (x − μ) · r,  r = 1 / sqrt(mean((x − μ)²) + eps)   (RMSNorm: μ = 0)      y = n γ + β
+
+    The backward pass is written out in float32 (`jax.custom_vjp`), with dn = dy γ:
+
+        dx = r · (dn − mean(dn) − n · mean(dn ⊙ n))   (RMSNorm: without mean(dn))
+        dγ = Σ_rows dy ⊙ n       dβ = Σ_rows dy
+
+    Left to autodiff, dγ and dβ are sums over every token in ``dtype``, which XLA:CPU runs as a strided
+    tree of bfloat16 partial sums: about 11 ms of a MiniLM LayerNorm's 15 ms at 5,120 tokens (written out,
+    the whole forward and backward takes 4 ms), and rounded to bfloat16 on the way.
+    """
+    return _normalize(x, scale, bias, eps, jnp.dtype(dtype), center)
+
+
+def _normalized(x, eps, center):
+    """``(n, r)`` in float32 (see `normalize`)."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True) if center else x32
+    rsqrt = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return centred * rsqrt, rsqrt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize(x, scale, bias, eps, dtype, center):
+    out = _normalized(x, eps, center)[0].astype(dtype) * scale.astype(dtype)
+    return out if bias is None else out + bias.astype(dtype)
+
+
+def _normalize_forward(x, scale, bias, eps, dtype, center):
+    return _normalize(x, scale, bias, eps, dtype, center), (x, scale, bias)
+
+
+def _normalize_backward(eps, dtype, center, residuals, out_grad):
+    x, scale, bias = residuals
+    normed, rsqrt = _normalized(x, eps, center)
+    out_grad = out_grad.astype(jnp.float32)
+    normed_grad = out_grad * scale.astype(dtype).astype(jnp.float32)
+    correction = normed * jnp.mean(normed_grad * normed, axis=-1, keepdims=True)
+    if center:
+        correction = correction + jnp.mean(normed_grad, axis=-1, keepdims=True)
+    x_grad = rsqrt * (normed_grad - correction)
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    scale_grad = jnp.sum(rows(out_grad * normed.astype(dtype).astype(jnp.float32)), axis=0)
+    bias_grad = None if bias is None else jnp.sum(rows(out_grad), axis=0).astype(bias.dtype)
+    return x_grad.astype(x.dtype), scale_grad.astype(scale.dtype), bias_grad
+
+
+_normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *, scale: float,
               dtype=jnp.float32) -> jax.Array:
     """Softmax attention of ``query`` [B, T, N, D] over ``key``/``value`` [B, S, K, D]; returns float32 [B, T, N, D].

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrm.data.batching import default_buckets
 from jaxrm.data.pipeline import training_batches
@@ -70,6 +71,10 @@ def _finite(tree) -> jax.Array:
 
 
 def _all_finite(tree) -> bool:
+    """Whether every value of ``tree`` is finite: on the host where one process holds every value (no
+    compilation, ~20 ms for MiniLM), otherwise as one jitted reduction that every process agrees on."""
+    if jax.process_count() == 1:
+        return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(jax.device_get(tree)))
     return bool(_finite(tree))
 
 
