@@ -162,6 +162,7 @@ def test_bad_eval_data_fails_naming_file_and_line(base_run, tmp_path, capsys):
     ("train.stepz=5", ["unknown config key 'train.stepz'", "did you mean train.steps"]),
     ("train.steps=many", ["train.steps must be an integer", "'many'"]),
     ("train.on_nonfinite=ignore", ["train.on_nonfinite must be one of stop, skip"]),
+    ("train.learning_rate=inf", ["train.learning_rate must be a finite number >= 0", "inf"]),
 ])
 def test_bad_config_fails_naming_the_key(override, words, capsys):
     code, err = run_cli(["train", str(REPO / "configs/quickstart.yaml"), override], capsys)

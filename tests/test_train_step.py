@@ -112,6 +112,27 @@ def test_nonfinite_loss_leaves_state_untouched():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, new_state.params))
 
 
+
+@pytest.mark.parametrize("loss_value", [0.7, np.nan])
+def test_update_step_is_optax_or_nothing(loss_value):
+    """A finite step applies exactly Optax's update (clip → AdamW) to parameters and both moments; a
+    non-finite loss leaves both untouched. The step count moves on either way."""
+    from jaxrm.train.step import make_update_step
+
+    train = TrainConfig(learning_rate=1e-2, steps=10, max_grad_norm=0.5)
+    state, _, _, _ = build(train=train)
+    optimizer = make_optimizer(train)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    expected = (optax.apply_updates(state.params, updates), opt_state) if np.isfinite(loss_value) \
+        else (state.params, state.opt_state)
+    new_state, metrics = jax.jit(make_update_step(optimizer))(state, grads, jnp.float32(loss_value))
+    assert int(new_state.step) == int(state.step) + 1 and metrics["nonfinite"] == int(not np.isfinite(loss_value))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+                 (new_state.params, new_state.opt_state), expected)
+
 def test_pair_statistics_counts_ties_as_wrong():
     rewards = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0], [5.0, 0.0]], np.float32)
     ranks = np.array([[0, 1]] * 4, np.int32)

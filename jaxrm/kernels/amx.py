@@ -1,4 +1,4 @@
-"""Matrix products on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, as fast as XLA's best and up to 4× faster.
+"""Matrix products and attention on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, as fast as XLA's best and up to 4× faster.
 
 PyTorch's oneDNN multiplies bfloat16 on the AMX tile unit at ~2.5 TFLOP/s on two Sapphire Rapids cores.
 XLA:CPU (jax 0.10) reaches the tiles for some shapes only: ~1.8 TFLOP/s for a dense layer's forward
@@ -9,7 +9,10 @@ XLA as an FFI custom call; this module builds it with the system C++ compiler on
 
     C = op(A) op(B),  op(X) = X or Xᵀ,  A and B bfloat16 matrices (or batches), C float32 (float32 accumulation)
 
-as `matmul`. `enabled` says whether it is used: on a CPU whose flags include ``amx_bf16`` and
+as `matmul`, and softmax attention fused on the tiles, `attention` and `attention_backward`: one item (a
+batch row and a key/value head) at a time on one core, its products, float32 softmax and backward back to
+back, so that its scores never leave the core's cache and XLA runs no pass over them. `enabled` says whether
+they are used: on a CPU whose flags include ``amx_bf16`` and
 ``amx_tile``, with JAX on its CPU backend with one device (a custom call carries no sharding rule, so on a
 multi-device mesh XLA's own products stay), unless ``JAXRM_AMX=0``. Where it is not (no AMX, no
 compiler, another backend), jaxrm's layers use ``jax.lax.dot_general`` as before; a failed build is

@@ -1,7 +1,8 @@
-// bfloat16 x bfloat16 -> float32 matrix products on Intel AMX tiles, as an XLA FFI custom call.
+// bfloat16 x bfloat16 -> float32 matrix products on Intel AMX tiles, as XLA FFI custom calls:
 //
-//   C[i, M, N] = op(A[i]) op(B[i]),  op(X) = X or X^T,  operands bfloat16, products accumulated in float32,
-//   for every i of a batch of products of one shape (attention's heads; a batch of one for a dense layer).
+//   jaxrm_amx_matmul:  C[i, M, N] = op(A[i]) op(B[i]),  op(X) = X or X^T,  operands bfloat16, products
+//     accumulated in float32, for every i of a batch of products of one shape (a batch of one for a dense layer);
+//   jaxrm_amx_attention[_backward]: softmax attention and its gradients, fused (see "Attention" below).
 //
 // XLA:CPU reaches the AMX tile unit for some product shapes only (a weight gradient, contracting over the
 // tokens, runs at ~0.2 TFLOP/s on two Sapphire Rapids cores where oneDNN multiplies at ~2.5). This file is

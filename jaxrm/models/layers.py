@@ -14,9 +14,10 @@ transpose of a mixed-precision product would run the backward products in float3
 `jax.custom_vjp` here. Parameter gradients are accumulated in float32 and returned in the parameter
 dtype; everything outside the products (norms, activations, softmax statistics) stays float32.
 
-On a CPU with AMX tiles and one JAX device, every bfloat16 product here -- the dense layers' three and
-attention's six -- runs on `jaxrm.kernels.amx` (the same operands, the same float32 accumulation) instead
-of XLA's dot, which reaches a fraction of the tile unit's rate; elsewhere ``jax.lax.dot_general``.
+On a CPU with AMX tiles and one JAX device, every bfloat16 product here runs on `jaxrm.kernels.amx` (the
+same operands, the same float32 accumulation) instead of XLA's dot, which reaches a fraction of the tile
+unit's rate: the dense layers' three, and attention as one fused kernel (its six products with the softmax
+and its backward between them) when one mask serves every head of a row; elsewhere ``jax.lax.dot_general``.
 
 Attention saves its softmax probabilities P for the backward pass and uses the identity
 rowsum(dP ⊙ P) = rowsum(dO ⊙ O) (Dao et al., 2022), so the backward reads P once and never forms the

@@ -363,6 +363,8 @@ def _check_values(config: Config) -> None:
         not config.data.buckets or max(config.data.buckets) < config.data.max_length
     ):
         raise ConfigError(f"data.buckets must be non-empty and reach data.max_length ({config.data.max_length})")
+    if not 0.0 <= config.train.learning_rate < float("inf"):
+        raise ConfigError(f"train.learning_rate must be a finite number >= 0, got {config.train.learning_rate}")
     if not (config.loss.margin_scale >= 0 and config.loss.margin_scale < float("inf")):
         raise ConfigError(f"loss.margin_scale must be a finite number >= 0, got {config.loss.margin_scale}")
     if config.loss.confidence_warmup_steps < 0:

@@ -183,16 +183,29 @@ def make_gradient_step(reward_fn: RewardFunction, loss_config: LossConfig, *, gr
 
 def make_update_step(optimizer: optax.GradientTransformation
                      ) -> Callable[[TrainState, nnx.State, jax.Array], tuple[TrainState, dict]]:
-    """``update_step(state, grads, loss) -> (state, metrics)``: one Optax update, skipped when non-finite."""
+    """``update_step(state, grads, loss) -> (state, metrics)``: one Optax update, skipped when non-finite.
+
+    The update runs inside ``jax.lax.cond`` on a finite loss and gradient norm; otherwise parameters and
+    optimizer state stay as they are (the step count moves on). A finite, norm-clipped gradient cannot make
+    AdamW's update overflow: its step m̂ / (√v̂ + ε) is scale-free and bounded (by Cauchy–Schwarz,
+    |m̂| / √v̂ ≤ 7.3 at β = (0.9, 0.999)), so the update is at most lr · (7.3 + λ |θ|), and
+    ``train.learning_rate`` is checked finite. Deciding before the update rather than selecting after it lets XLA write the new values in
+    place: one pass over the parameters and both moments instead of materialising the update to test it
+    (MiniLM, 2 CPU cores: 86 → 53 ms per update).
+    """
 
     def update_step(state: TrainState, grads: nnx.State, loss: jax.Array):
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # An update can overflow even from a finite gradient (a huge learning rate): check it too.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(state: TrainState) -> TrainState:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+        def skip(state: TrainState) -> TrainState:
+            return TrainState(state.step + 1, state.params, state.opt_state)
+
+        new_state = jax.lax.cond(finite, apply, skip, state)
         return new_state, {"grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
 
     return update_step
