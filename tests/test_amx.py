@@ -103,7 +103,7 @@ ATTENTION_SHAPES = [(6, 3, 256, 128, 256, 32), (4, 2, 50, 25, 37, 20), (2, 1, 16
 @needs_amx
 @pytest.mark.parametrize("items, rows, queries, positions, keys, depth", ATTENTION_SHAPES)
 def test_attention_matches_float64_numpy(items, rows, queries, positions, keys, depth):
-    """Forward and backward of the fused attention against float64: the products take bfloat16 operands (P, dO
+    """Forward (with P written out, and without, for inference) and backward of the fused attention against float64: the products take bfloat16 operands (P, dO
     and dS rounded to bfloat16, as XLA's bfloat16 attention does), so agreement is to bfloat16's ~0.4 %, on
     the scale of each output. Row 0 of the first bias masks every key: that query attends uniformly."""
     rng = np.random.default_rng(queries + keys + depth)
@@ -116,6 +116,9 @@ def test_attention_matches_float64_numpy(items, rows, queries, positions, keys, 
     out, probabilities = jax.jit(amx.attention)(query, key, value, bias)
     grads = jax.jit(amx.attention_backward)(query, key, value, probabilities, out, out_grad)
     assert out.dtype == jnp.float32 and probabilities.dtype == jnp.bfloat16
+    inference_out, none = jax.jit(lambda *a: amx.attention(*a, probabilities=False))(query, key, value, bias)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(inference_out), np.asarray(out))  # the same kernel, P kept in cache
     references = _attention_reference(query, key, value, bias, out_grad)
     np.testing.assert_allclose(np.asarray(probabilities[0, 0], np.float64), np.full(keys, 1 / keys), rtol=4e-3)
     for name, ours, reference in zip(["out", "P", "dQ", "dK", "dV"], [out, probabilities, *grads], references):

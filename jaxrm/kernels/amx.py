@@ -48,6 +48,7 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "jaxrm_amx_matmul"
 ATTENTION, ATTENTION_BACKWARD = "jaxrm_amx_attention", "jaxrm_amx_attention_backward"
+ATTENTION_INFERENCE = "jaxrm_amx_attention_inference"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile",
                  "-mamx-bf16")
 
@@ -111,7 +112,7 @@ def available() -> bool:
     if library.jaxrm_amx_request() != 0:
         log.warning("AMX matrix products are off: Linux refused the AMX tile state (arch_prctl)")
         return False
-    for target in (TARGET, ATTENTION, ATTENTION_BACKWARD):
+    for target in (TARGET, ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return True
 
@@ -181,7 +182,8 @@ def _items(x: jax.Array) -> jax.Array:
     return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
 
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array, *,
+              probabilities: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention fused on the tiles: ``P = softmax(query keyᵀ + bias)`` by rows, ``out = P value``.
 
     Shapes: ``query`` [..., Q, D], ``key`` and ``value`` [..., S, D] (bfloat16, the same leading axes: an
@@ -189,7 +191,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
     divide the items in order (item ``i`` takes ``bias[i // (items // B)]``) and ``T`` divides ``Q``
     (query ``r`` takes bias row ``r mod T``: the heads of a group one after another). Scale ``query``
     beforehand. Returns ``out`` float32 [..., Q, D] and ``P`` bfloat16 [..., Q, S] (what
-    `attention_backward` reads). Each item's scores stay in one core's cache: the products and the
+    `attention_backward` reads; None with ``probabilities=False``, for inference: P is then never written
+    out). Each item's scores stay in one core's cache: the products and the
     float32 softmax run back to back, and no pass over the scores is left to XLA.
     """
     _require("attention")
@@ -202,10 +205,13 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
                          f"bias float32 [B, T, S] with B dividing the items and T dividing Q; got {query.dtype}"
                          f"{list(query.shape)}, {key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
                          f"{bias.dtype}{list(bias.shape)}.")
-    call = jax.ffi.ffi_call(ATTENTION, (jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32),
-                                        jax.ShapeDtypeStruct((items, queries, keys), jnp.bfloat16)))
-    out, probabilities = call(_items(query), _items(key), _items(value), bias)
-    return out.reshape(query.shape), probabilities.reshape(*query.shape[:-1], keys)
+    out_shape = jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32)
+    operands = (_items(query), _items(key), _items(value), bias)
+    if not probabilities:
+        return jax.ffi.ffi_call(ATTENTION_INFERENCE, out_shape)(*operands).reshape(query.shape), None
+    out, weights = jax.ffi.ffi_call(ATTENTION, (out_shape, jax.ShapeDtypeStruct((items, queries, keys), jnp.bfloat16)))(
+        *operands)
+    return out.reshape(query.shape), weights.reshape(*query.shape[:-1], keys)
 
 
 def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,

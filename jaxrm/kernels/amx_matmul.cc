@@ -526,23 +526,34 @@ const uint16_t* Bits(const T& buffer) {
   return reinterpret_cast<const uint16_t*>(buffer.untyped_data());
 }
 
-ffi::Error AmxAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
-                        ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
-                        ffi::ResultBuffer<ffi::BF16> p) {
+// The forward pass; with probabilities == nullptr (inference) each item's P stays in the thread's scratch.
+ffi::Error AttentionForward(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& q, ffi::Buffer<ffi::BF16>& k,
+                            ffi::Buffer<ffi::BF16>& v, ffi::Buffer<ffi::F32>& bias, float* out,
+                            uint16_t* probabilities) {
   AttentionShape shape;
   if (ffi::Error error = ReadAttentionShape(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(), shape);
       error.failure())
     return error;
   const uint16_t *qs = Bits(q), *ks = Bits(k), *vs = Bits(v);
   const float* biases = bias.typed_data();
-  float* os = o->typed_data();
-  uint16_t* ps = reinterpret_cast<uint16_t*>(p->untyped_data());
   const int64_t qd = shape.queries * shape.depth, sd = shape.keys * shape.depth, qs_ = shape.queries * shape.keys;
   ForEachItem(pool, shape.items, [=](int64_t i) {
+    uint16_t* p = probabilities ? probabilities + i * qs_ : item_scratch.Values(qs_);
     AttentionForwardItem(shape, qs + i * qd, ks + i * sd, vs + i * sd,
-                         biases + (i / shape.items_per_bias) * shape.positions * shape.keys, os + i * qd, ps + i * qs_);
+                         biases + (i / shape.items_per_bias) * shape.positions * shape.keys, out + i * qd, p);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error AmxAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                        ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o,
+                        ffi::ResultBuffer<ffi::BF16> p) {
+  return AttentionForward(pool, q, k, v, bias, o->typed_data(), reinterpret_cast<uint16_t*>(p->untyped_data()));
+}
+
+ffi::Error AmxAttentionInference(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                                 ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> o) {
+  return AttentionForward(pool, q, k, v, bias, o->typed_data(), nullptr);
 }
 
 ffi::Error AmxAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
@@ -587,6 +598,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention, AmxAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o
                                   .Ret<ffi::Buffer<ffi::BF16>>()); // p
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention_inference, AmxAttentionInference,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // o
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention_backward, AmxAttentionBackward,
                               ffi::Ffi::Bind()

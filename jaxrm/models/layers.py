@@ -312,7 +312,7 @@ _heads_major_attention.defvjp(_heads_major_attention_forward, _heads_major_atten
 
 @jax.custom_vjp
 def _amx_attention(query, key, value, bias):
-    return amx.attention(query, key, value, bias)[0]
+    return amx.attention(query, key, value, bias, probabilities=False)[0]  # not differentiated: P stays in cache
 
 
 def _amx_attention_forward(query, key, value, bias):
