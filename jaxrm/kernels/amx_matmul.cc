@@ -589,24 +589,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_matmul, AmxMatmul,
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
 
+// What both forward handlers take: XLA's intra-op pool, then q, k, v (bfloat16) and the bias (float32).
+static auto BindAttentionInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention, AmxAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // o
-                                  .Ret<ffi::Buffer<ffi::BF16>>()); // p
+                              BindAttentionInputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::BF16>>());  // o, p
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention_inference, AmxAttentionInference,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // o
+                              BindAttentionInputs().Ret<ffi::Buffer<ffi::F32>>());  // o
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_amx_attention_backward, AmxAttentionBackward,
                               ffi::Ffi::Bind()
