@@ -176,11 +176,11 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, *, eps: fl
     The backward pass is written out in float32 (`jax.custom_vjp`), with dn = dy γ:
 
         dx = r · (dn − mean(dn) − n · mean(dn ⊙ n))   (RMSNorm: without mean(dn))
-        dγ = Σ_rows dy ⊙ n       dβ = Σ_rows dy
+        dγ = Σ_rows dy ⊙ n       dβ = Σ_rows dy      (n as rounded to ``dtype`` in the forward pass)
 
     Left to autodiff, dγ and dβ are sums over every token in ``dtype``, which XLA:CPU runs as a strided
-    tree of bfloat16 partial sums: about 11 ms of a MiniLM LayerNorm's 15 ms at 5,120 tokens (written out,
-    the whole forward and backward takes 4 ms), and rounded to bfloat16 on the way.
+    tree of bfloat16 partial sums, rounded on the way: a MiniLM LayerNorm's forward and backward at 5,120
+    tokens took 14.6 ms that way, 6.6 ms written out.
     """
     return _normalize(x, scale, bias, eps, jnp.dtype(dtype), center)
 
