@@ -103,9 +103,10 @@ ATTENTION_SHAPES = [(6, 3, 256, 128, 256, 32), (4, 2, 50, 25, 37, 20), (2, 1, 16
 @needs_amx
 @pytest.mark.parametrize("items, rows, queries, positions, keys, depth", ATTENTION_SHAPES)
 def test_attention_matches_float64_numpy(items, rows, queries, positions, keys, depth):
-    """Forward (with P written out, and without, for inference) and backward of the fused attention against float64: the products take bfloat16 operands (P, dO
-    and dS rounded to bfloat16, as XLA's bfloat16 attention does), so agreement is to bfloat16's ~0.4 %, on
-    the scale of each output. Row 0 of the first bias masks every key: that query attends uniformly."""
+    """Forward (with P written out, and without, for inference) and backward of the fused attention against
+    float64: the products take bfloat16 operands (P, dO and dS rounded to bfloat16, as XLA's bfloat16
+    attention does), so agreement is to bfloat16's ~0.4 %, on the scale of each output. Row 0 of the first
+    bias masks every key: that query attends uniformly."""
     rng = np.random.default_rng(queries + keys + depth)
     query = jnp.asarray(0.3 * rng.standard_normal((items, queries, depth)), jnp.bfloat16)
     key, value = (jnp.asarray(rng.standard_normal((items, keys, depth)), jnp.bfloat16) for _ in range(2))
@@ -162,7 +163,8 @@ def test_layers_attention_through_amx_matches_xla(mask_shape, monkeypatch):
         monkeypatch.setattr(amx, "enabled", lambda: use_amx)
         jax.clear_caches()
         function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-        results[use_amx] = (function(query, key, value), "jaxrm_amx_attention" in function.lower(query, key, value).as_text())
+        fused = amx.ATTENTION in function.lower(query, key, value).as_text()
+        results[use_amx] = (function(query, key, value), fused)
     (ours, fused), (theirs, fused_xla) = results[True], results[False]
     assert fused == (mask_shape[1] == 1) and not fused_xla
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):

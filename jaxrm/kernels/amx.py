@@ -1,4 +1,4 @@
-"""Matrix products and attention on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, as fast as XLA's best and up to 4× faster.
+"""Matrix products and attention on Intel AMX tiles for XLA:CPU: ``bf16 × bf16 → f32``, up to 4× XLA's speed.
 
 PyTorch's oneDNN multiplies bfloat16 on the AMX tile unit at ~2.5 TFLOP/s on two Sapphire Rapids cores.
 XLA:CPU (jax 0.10) reaches the tiles for some shapes only: ~1.8 TFLOP/s for a dense layer's forward
@@ -11,10 +11,10 @@ XLA as an FFI custom call; this module builds it with the system C++ compiler on
 
 as `matmul`, and softmax attention fused on the tiles, `attention` and `attention_backward`: one item (a
 batch row and a key/value head) at a time on one core, its products, float32 softmax and backward back to
-back, so that its scores never leave the core's cache and XLA runs no pass over them. `enabled` says whether
-they are used: on a CPU whose flags include ``amx_bf16`` and
-``amx_tile``, with JAX on its CPU backend with one device (a custom call carries no sharding rule, so on a
-multi-device mesh XLA's own products stay), unless ``JAXRM_AMX=0``. Where it is not (no AMX, no
+back, so that its scores never leave the core's cache and XLA runs no pass over them. `enabled` says
+whether they are used: on a CPU whose flags include ``amx_bf16`` and ``amx_tile``, with JAX on its CPU
+backend with one device (a custom call carries no sharding rule, so on a multi-device mesh XLA's own
+products stay), unless ``JAXRM_AMX=0``. Where it is not (no AMX, no
 compiler, another backend), jaxrm's layers use ``jax.lax.dot_general`` as before; a failed build is
 logged once.
 
@@ -49,8 +49,8 @@ SOURCE = Path(__file__).with_name("amx_matmul.cc")
 TARGET = "jaxrm_amx_matmul"
 ATTENTION, ATTENTION_BACKWARD = "jaxrm_amx_attention", "jaxrm_amx_attention_backward"
 ATTENTION_INFERENCE = "jaxrm_amx_attention_inference"
-COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile",
-                 "-mamx-bf16")
+COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                 "-mamx-tile", "-mamx-bf16")
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: b
     Raises:
       RuntimeError: the kernel is not `available` here.
     """
-    if not available():
-        raise RuntimeError("AMX matrix products are not available here (no AMX, no C++ compiler, or JAXRM_AMX=0); "
-                           "use jax.lax.dot_general")
+    _require("matrix products")
     if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.dtype != jnp.bfloat16 \
             or b.dtype != jnp.bfloat16:
         raise ValueError(f"amx.matmul takes two bfloat16 matrices or batches of them with the same batch axes, got "
@@ -167,18 +165,19 @@ def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: b
         raise ValueError(f"amx.matmul: contraction sizes differ ({k} vs {k_b}) for shapes {a.shape}, {b.shape} "
                          f"with transpose_a={transpose_a}, transpose_b={transpose_b}.")
     batch = a.shape[:-2]
-    flat = lambda x: x.reshape(math.prod(batch), *x.shape[-2:])
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((math.prod(batch), m, n), jnp.float32))
-    product = call(flat(a), flat(b), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+    product = call(_items(a), _items(b), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
     return product.reshape(*batch, m, n)
 
 
 def _require(what: str) -> None:
     if not available():
-        raise RuntimeError(f"AMX {what} is not available here (no AMX, no C++ compiler, or JAXRM_AMX=0)")
+        raise RuntimeError(f"AMX {what}: not available here (no AMX, no C++ compiler, or JAXRM_AMX=0); "
+                           "jaxrm's layers use XLA's operations instead")
 
 
 def _items(x: jax.Array) -> jax.Array:
+    """``x`` [..., M, N] as one batch axis of matrices [I, M, N], as the kernels take them."""
     return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
 
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, normalize, dense_together, logical_axes, positions_in_segment, segment_mask
+from jaxrm.models.layers import (Dense, attention, dense_together, logical_axes, normalize, positions_in_segment,
+                                 segment_mask)
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 DEFAULT_POOLING = "first"

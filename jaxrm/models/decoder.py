@@ -25,7 +25,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from jaxrm.models.layers import Dense, attention, normalize, logical_axes, positions_in_segment, segment_mask
+from jaxrm.models.layers import Dense, attention, logical_axes, normalize, positions_in_segment, segment_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 DEFAULT_POOLING = "last"
