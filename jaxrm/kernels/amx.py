@@ -29,23 +29,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import hashlib
 import logging
 import math
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("amx_matmul.cc")
+from jaxrm.kernels import native
+
+SOURCE = "amx_matmul.cc"
 TARGET = "jaxrm_amx_matmul"
 ATTENTION, ATTENTION_BACKWARD = "jaxrm_amx_attention", "jaxrm_amx_attention_backward"
 ATTENTION_INFERENCE = "jaxrm_amx_attention_inference"
@@ -68,35 +65,6 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     return "amx_tile" in flags and "amx_bf16" in flags
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXRM_CACHE_DIR") or Path.home() / ".cache" / "jaxrm")
-
-
-def build(compiler: str | None = None) -> Path:
-    """Compiles ``amx_matmul.cc`` (once per source, compiler and XLA FFI headers) and returns the library.
-
-    Raises:
-      RuntimeError: no C++ compiler is found, or it fails (its output is in the message).
-    """
-    compiler = compiler or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, include, *COMPILE_FLAGS)).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"amx_matmul-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        partial = Path(scratch) / library.name
-        command = [compiler, *COMPILE_FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)]
-        completed = subprocess.run(command, capture_output=True, text=True)
-        if completed.returncode:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-2000:]}")
-        partial.replace(library)  # atomic: a process building at the same time finds one whole library
-    return library
-
-
 @functools.cache
 def available() -> bool:
     """Whether the AMX product is built, loaded and registered with XLA (tried once per process)."""
@@ -104,16 +72,13 @@ def available() -> bool:
         return False
     if not cpu_has_amx():
         return False
-    try:
-        library = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as error:
-        log.warning("AMX matrix products are off: %s", error)
+    library = native.load(SOURCE, COMPILE_FLAGS, (TARGET, ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD),
+                          "AMX matrix products")
+    if library is None:
         return False
     if library.jaxrm_amx_request() != 0:
         log.warning("AMX matrix products are off: Linux refused the AMX tile state (arch_prctl)")
         return False
-    for target in (TARGET, ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return True
 
 

@@ -1,0 +1,72 @@
+"""Builds and loads jaxrm's C++ kernels: each ``*.cc`` beside this file is compiled once per machine with the
+system C++ compiler, cached under ``$JAXRM_CACHE_DIR`` (default ``~/.cache/jaxrm``), and its XLA FFI handlers
+registered with JAX's CPU backend.
+
+Example:
+    >>> from jaxrm.kernels import native
+    >>> library = native.load("pairwise.cc", native.BASE_FLAGS, ("jaxrm_bradley_terry",), "the loss kernel")
+    >>> library is None or hasattr(library, "jaxrm_bradley_terry")
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+HERE = Path(__file__).parent
+BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXRM_CACHE_DIR") or Path.home() / ".cache" / "jaxrm")
+
+
+def build(source: str, flags: tuple[str, ...], compiler: str | None = None) -> Path:
+    """Compiles ``source`` (a file beside this module) into a shared library, once per source text, compiler,
+    flags and XLA FFI headers, and returns its path.
+
+    Raises:
+      RuntimeError: no C++ compiler is found, or it fails (its output is in the message).
+    """
+    compiler = compiler or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    path = HERE / source
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(path.read_bytes() + " ".join((compiler, include, *flags)).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"{path.stem}-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        partial = Path(scratch) / library.name
+        command = [compiler, *flags, f"-I{include}", str(path), "-o", str(partial)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-2000:]}")
+        partial.replace(library)  # atomic: a process building at the same time finds one whole library
+    return library
+
+
+def load(source: str, flags: tuple[str, ...], targets: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+    """`build` ``source``, load it and register its FFI handlers ``targets`` for the CPU; None (with one
+    warning naming ``what``) where it cannot be built or loaded."""
+    try:
+        library = ctypes.CDLL(str(build(source, flags)))
+    except (RuntimeError, OSError) as error:
+        log.warning("%s is off: %s", what, error)
+        return None
+    for target in targets:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return library

@@ -1,0 +1,195 @@
+"""jaxrm.kernels.pairwise: the one-pass Bradley–Terry loss and derivatives against float64 NumPy, at the branch
+points of its exp and log and far out; its derivatives of every order against autodiff of XLA's formula; and
+jaxrm.losses.bradley_terry taking it (or not) where it should. Needs a C++ compiler (skipped without one)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import jaxrm.losses as L
+from jaxrm.kernels import pairwise
+
+pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+
+CHUNK = 1 << 15  # pairs per claim in pairwise.cc
+
+
+def _reference(delta):
+    """−log σ(d) and σ(−d) in float64, the stable way."""
+    d = np.asarray(delta, np.float64)
+    loss = np.logaddexp(0.0, -d)
+    return loss, np.exp(-np.logaddexp(0.0, d))
+
+
+def _gaps():
+    """Reward gaps at every branch point of the kernel (0; √2 − 1, where log1p switches its reduction; ±87,
+    where e^−|d| leaves float32's normal range), tiny and huge ones, and a dense sweep."""
+    special = [0.0, 1e-30, 1e-8, 1e-3, 0.34, 0.3466, 0.35, 0.5, 0.8813736, 1.0, 2.0, 16.6, 17.0, 30.0, 86.9, 87.0,
+               87.1, 88.0, 103.0, 1e4, 3e38, np.inf]
+    sweep = np.linspace(-100.0, 100.0, 2 * CHUNK + 7)  # three chunks, the last one ragged
+    return np.concatenate([special, np.negative(special), sweep]).astype(np.float32)
+
+
+def test_values_and_derivatives_match_float64_everywhere():
+    d = _gaps()
+    loss, d_chosen, d_rejected = jax.jit(pairwise.bradley_terry_and_derivatives)(
+        jnp.asarray(d), jnp.zeros_like(d), jnp.float32(0.0))
+    ref_loss, ref_sigma = _reference(d)
+    # Cephes' polynomials: ~1e-7 relative; below e^-87 the kernel's e is 0, so losses and slopes that small are 0.
+    np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=1e-6, atol=2e-38)
+    np.testing.assert_allclose(np.asarray(d_rejected), ref_sigma, rtol=1e-6, atol=2e-38)
+    np.testing.assert_array_equal(np.asarray(d_chosen), -np.asarray(d_rejected))
+    at_zero = np.flatnonzero(d == 0)
+    np.testing.assert_array_equal(np.asarray(d_rejected)[at_zero], 0.5)  # both branches of σ meet at ½
+    np.testing.assert_array_equal(np.asarray(loss)[at_zero], np.float32(np.log(2.0)))
+
+
+def test_the_gap_is_chosen_minus_rejected_minus_margin():
+    rng = np.random.default_rng(0)
+    chosen, rejected, margin = (rng.standard_normal(CHUNK + 3).astype(np.float32) for _ in range(3))
+    loss, _, d_rejected = pairwise.bradley_terry_and_derivatives(*map(jnp.asarray, (chosen, rejected, margin)))
+    ref_loss, ref_sigma = _reference(chosen.astype(np.float64) - rejected - margin)
+    np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(d_rejected), ref_sigma, rtol=2e-6)
+    one = pairwise.bradley_terry_and_derivatives(jnp.asarray(chosen), jnp.asarray(rejected), jnp.float32(0.7))
+    np.testing.assert_allclose(np.asarray(one[0]), _reference(chosen.astype(np.float64) - rejected - 0.7)[0],
+                               rtol=2e-6)
+
+
+def test_nan_in_any_input_is_nan_in_every_output():
+    values = jnp.array([0.0, 1.0, jnp.nan, 2.0, jnp.inf, -3.0])
+    others = jnp.array([0.0, jnp.nan, 0.0, 0.0, jnp.inf, 0.0])
+    margin = jnp.array([jnp.nan, 0.0, 0.0, 0.0, 0.0, 0.0])
+    outputs = pairwise.bradley_terry_and_derivatives(values, others, margin)
+    for output in outputs:
+        np.testing.assert_array_equal(np.isnan(np.asarray(output)), [True, True, True, False, True, False])
+
+
+def test_empty_and_tiny_arrays():
+    empty = pairwise.bradley_terry_and_derivatives(jnp.zeros(0), jnp.zeros(0), jnp.float32(1.0))
+    assert all(output.shape == (0,) for output in empty)
+    loss = pairwise.bradley_terry_and_derivatives(jnp.ones((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1, 1)))[0]
+    np.testing.assert_allclose(np.asarray(loss), [[np.log1p(np.exp(-1.0))]], rtol=1e-6)
+
+
+def test_vmap_gives_each_row_its_own_margin():
+    rng = np.random.default_rng(1)
+    chosen, rejected = (jnp.asarray(rng.standard_normal((3, 1000)), jnp.float32) for _ in range(2))
+    margins = jnp.array([0.0, 1.0, -2.5], jnp.float32)
+    rows = [pairwise.bradley_terry_and_derivatives(chosen[i], rejected[i], margins[i]) for i in range(3)]
+    batched = jax.vmap(pairwise.bradley_terry_and_derivatives)(chosen, rejected, margins)
+    only_margins = jax.vmap(pairwise.bradley_terry_and_derivatives, in_axes=(None, None, 0))(
+        chosen[0], rejected[0], margins)
+    for k in range(3):
+        np.testing.assert_array_equal(np.asarray(batched[k]), np.stack([np.asarray(row[k]) for row in rows]))
+        np.testing.assert_array_equal(np.asarray(only_margins[k])[0], np.asarray(rows[0][k]))
+    np.testing.assert_allclose(np.asarray(only_margins[0])[2],
+                               _reference(np.asarray(chosen[0], np.float64) - np.asarray(rejected[0]) + 2.5)[0],
+                               rtol=2e-6)
+
+
+def _formula(chosen, rejected, margin):
+    return L._bradley_terry_formula(chosen, rejected, margin)
+
+
+def _kernel_loss(chosen, rejected, margin):
+    return pairwise.bradley_terry_and_derivatives(chosen, rejected, margin)[0]
+
+
+def test_derivatives_of_every_order_match_autodiff_of_the_formula():
+    rng = np.random.default_rng(2)
+    chosen, rejected = (jnp.asarray(rng.standard_normal(4096) * 3, jnp.float32) for _ in range(2))
+    margin = jnp.float32(0.3)
+    for argnums in (0, 1, 2):
+        first = [jax.grad(lambda *x: jnp.sum(f(*x)), argnums)(chosen, rejected, margin) for f in (_kernel_loss, _formula)]
+        np.testing.assert_allclose(np.asarray(first[0]), np.asarray(first[1]), rtol=2e-6, atol=1e-7)
+
+    def second(f):  # ∂²ℓ/∂chosen² pair by pair, and the mixed ∂²ℓ/∂chosen∂margin summed
+        slope = lambda c, r, m: jax.grad(lambda c: jnp.sum(f(c, r, m)))(c)
+        return jax.vmap(jax.grad(lambda c, r: slope(c[None], r[None], margin)[0]))(chosen, rejected), \
+            jax.grad(lambda m: jnp.sum(slope(chosen, rejected, m)))(margin)
+
+    for ours, theirs in zip(second(_kernel_loss), second(_formula)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)
+    d = np.asarray(chosen, np.float64) - np.asarray(rejected) - 0.3
+    sigma = _reference(d)[1]
+    np.testing.assert_allclose(np.asarray(second(_kernel_loss)[0]), sigma * (1 - sigma), rtol=1e-5, atol=1e-7)
+    # forward mode; and the third derivative −s(1 − s)(1 − 2s), s = σ(−d), through the JVP rule of the derivatives
+    tangent = jax.jvp(lambda c: _kernel_loss(c, rejected, margin), (chosen,), (jnp.ones_like(chosen),))[1]
+    np.testing.assert_allclose(np.asarray(tangent), -sigma, rtol=2e-6, atol=1e-7)
+    third = jax.vmap(jax.grad(jax.grad(jax.grad(lambda c: _kernel_loss(c[None], jnp.zeros(1), margin)[0]))))(chosen)
+    s = _reference(np.asarray(chosen, np.float64) - 0.3)[1]
+    np.testing.assert_allclose(np.asarray(third), -s * (1 - s) * (1 - 2 * s), rtol=1e-4, atol=1e-6)
+
+
+def test_refuses_what_it_does_not_compute():
+    ones = jnp.ones(8)
+    with pytest.raises(ValueError, match="float32"):
+        pairwise.bradley_terry_and_derivatives(ones.astype(jnp.bfloat16), ones.astype(jnp.bfloat16), jnp.float32(0))
+    with pytest.raises(ValueError, match=r"\[8\], float32\[4\]"):
+        pairwise.bradley_terry_and_derivatives(ones, jnp.ones(4), jnp.float32(0))
+    with pytest.raises(ValueError, match="margin"):
+        pairwise.bradley_terry_and_derivatives(ones, ones, jnp.ones(2))
+
+
+def test_takes_large_float32_arrays_only():
+    big = (pairwise.MIN_PAIRS,)
+    assert not pairwise.takes((pairwise.MIN_PAIRS - 1,), jnp.float32)
+    assert not pairwise.takes(big, jnp.bfloat16)
+    assert pairwise.takes(big, jnp.float32) == (jax.device_count() == 1)  # the tests' 8 devices: never
+
+
+def _one_device(code: str, **env) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**environ, **env}).stdout
+
+
+LOSSES_ON_ONE_DEVICE = """
+import jax, jax.numpy as jnp, numpy as np
+import jaxrm.losses as L
+n = 100_000
+k = jax.random.split(jax.random.key(0), 3)
+c, r = (jax.random.normal(key, (n,)) * 4 for key in k[:2])
+m = jax.random.uniform(k[2], (n,))
+total = lambda c, r, m: jnp.sum(L.bradley_terry(c, r, margin=m))
+grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+value, (gc, gr, gm) = grads(c, r, m)
+formula = lambda c, r, m: jnp.sum(L._bradley_terry_formula(c, r, m))
+ref_value, (rc, rr, rm) = jax.jit(jax.value_and_grad(formula, argnums=(0, 1, 2)))(c, r, m)
+np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+for ours, theirs in ((gc, rc), (gr, rr), (gm, rm)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-6, atol=1e-7)
+low = jax.grad(total)(c.astype(jnp.bfloat16), r.astype(jnp.bfloat16), m)
+print("differentiated", "jaxrm_bradley_terry" in grads.lower(c, r, m).as_text())
+print("forward", "jaxrm_bradley_terry" in jax.jit(total).lower(c, r, m).as_text())
+print("small", "jaxrm_bradley_terry" in grads.lower(c[:1000], r[:1000], m[:1000]).as_text())
+print("bfloat16", low.dtype)
+"""
+
+
+def test_losses_take_the_kernel_for_gradients_on_one_device():
+    lines = _one_device(LOSSES_ON_ONE_DEVICE).split("\n")
+    assert lines[:4] == ["differentiated True", "forward False", "small False", "bfloat16 bfloat16"]
+
+
+def test_jaxrm_loss_kernel_0_turns_it_off():
+    code = "from jaxrm.kernels import pairwise; print(pairwise.available(), pairwise.takes((10**6,), 'float32'))"
+    assert _one_device(code, JAXRM_LOSS_KERNEL="0").split() == ["False", "False"]
+    assert _one_device(code).split() == ["True", "True"]
+
+
+def test_docstring_examples():
+    import doctest
+
+    from jaxrm.kernels import native
+
+    for module in (pairwise, native):
+        assert doctest.testmod(module, raise_on_error=False).failed == 0, module.__name__
