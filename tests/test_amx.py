@@ -46,9 +46,12 @@ def _reference(a, b, transpose_a, transpose_b):
     return a @ b
 
 
-# Ragged edges in every dimension (tiles are 16 rows × 32 values), tiny and empty contractions, and batches.
+# Ragged edges in every dimension (tiles are 16 rows × 32 values), tiny and empty contractions, and batches; then
+# contractions deeper than 2,048, which go by panels of up to 512 × 256 over chunks of 512 (a ragged last chunk,
+# two panels each way, ragged panels).
 SHAPES = [((), 64, 32, 48), ((), 17, 5, 3), ((), 1, 1, 1), ((), 100, 70, 33), ((), 33, 64, 31),
-          ((), 256, 384, 96), ((3,), 40, 24, 50), ((2, 3), 16, 32, 16), ((4,), 1, 65, 2)]
+          ((), 256, 384, 96), ((3,), 40, 24, 50), ((2, 3), 16, 32, 16), ((4,), 1, 65, 2),
+          ((), 600, 2100, 300), ((2,), 40, 2200, 50)]
 
 
 @needs_amx

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -192,6 +193,72 @@ void MultiplyBlock(const Problem& p, const uint16_t* packed_a, const uint16_t* p
   }
 }
 
+// Deep contractions (a weight gradient contracts over every token: K = 8192 at 32 x 256) go by panels: up to
+// kPanelRowPairs x kPanelColumnPairs blocks of C, accumulated in a float32 buffer over chunks of kChunkDepth tiles
+// of K, so that the chunk's A and B tiles (at most 512 + 256 KiB) and the panel (512 KiB) stay in the core's L2
+// while each tile is used 8 or 16 times. Whole-K blocks would stream one B pair (2 x K / 16 KiB) per block from
+// L3: 300 MB for a 384 x 1536 x 8192 product, which then runs at a third of the tile unit's rate.
+constexpr int64_t kDeepDepth = 64;  // tiles of K (2048 values) above which products go by panels
+constexpr int64_t kChunkDepth = 16;
+constexpr int64_t kPanelRowPairs = 16, kPanelColumnPairs = 8;
+
+// Block (mb, nb) of a panel over K tiles [kb_begin, kb_end): added to the 32 x 32 floats at `acc` (row stride
+// `stride` floats), or written there when `first`.
+void AccumulateBlock(const Problem& p, const uint16_t* packed_a, const uint16_t* packed_b, int64_t mb, int64_t nb,
+                     int64_t kb_begin, int64_t kb_end, bool first, float* acc, int64_t stride) {
+  const int64_t depth = p.depth_blocks, bytes = stride * static_cast<int64_t>(sizeof(float));
+  const uint16_t* a0 = packed_a + mb * depth * kTileValues;
+  const uint16_t* a1 = a0 + depth * kTileValues;
+  const uint16_t* b0 = packed_b + nb * depth * kTileValues;
+  const uint16_t* b1 = b0 + depth * kTileValues;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, bytes);
+    _tile_loadd(1, acc + kRows, bytes);
+    _tile_loadd(2, acc + kRows * stride, bytes);
+    _tile_loadd(3, acc + kRows * stride + kRows, bytes);
+  }
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t offset = kb * kTileValues;
+    _tile_loadd(4, a0 + offset, kTileBytes);
+    _tile_loadd(6, b0 + offset, kTileBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + offset, kTileBytes);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1 + offset, kTileBytes);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, acc, bytes);
+  _tile_stored(1, acc + kRows, bytes);
+  _tile_stored(2, acc + kRows * stride, bytes);
+  _tile_stored(3, acc + kRows * stride + kRows, bytes);
+}
+
+// The panel of row pairs [mb_begin, mb_end) x column pairs [nb_begin, nb_end), chunk by chunk of K, then copied
+// to C within its edges.
+void MultiplyPanel(const Problem& p, const uint16_t* packed_a, const uint16_t* packed_b, int64_t mb_begin,
+                   int64_t mb_end, int64_t nb_begin, int64_t nb_end) {
+  constexpr int64_t kPanelStride = kPanelColumnPairs * 2 * kRows;
+  thread_local std::vector<float> panel(kPanelRowPairs * 2 * kRows * kPanelStride);
+  for (int64_t kb = 0; kb < p.depth_blocks; kb += kChunkDepth) {
+    const int64_t kb_end = std::min(p.depth_blocks, kb + kChunkDepth);
+    for (int64_t nb = nb_begin; nb < nb_end; ++nb)
+      for (int64_t mb = mb_begin; mb < mb_end; ++mb)
+        AccumulateBlock(p, packed_a, packed_b, 2 * mb, 2 * nb, kb, kb_end, kb == 0,
+                        panel.data() + (mb - mb_begin) * 2 * kRows * kPanelStride + (nb - nb_begin) * 2 * kRows,
+                        kPanelStride);
+  }
+  const int64_t row0 = mb_begin * 2 * kRows, column0 = nb_begin * 2 * kRows;
+  const int64_t rows = std::min(p.m, mb_end * 2 * kRows) - row0, columns = std::min(p.n, nb_end * 2 * kRows) - column0;
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(p.c + (row0 + r) * p.n + column0, panel.data() + r * kPanelStride, columns * sizeof(float));
+}
+
 struct FreeDeleter {
   void operator()(void* pointer) const { std::free(pointer); }
 };
@@ -213,11 +280,17 @@ struct Work {
     packed_b = NewTileBuffer(batch * b_tiles);
     pack_tiles = batch * (a_tiles + b_tiles);
     column_pairs = p.column_blocks / 2;
-    element_blocks = (p.row_blocks / 2) * column_pairs;
+    if (p.depth_blocks > kDeepDepth) {  // a unit of work is a panel of blocks
+      row_groups = (p.row_blocks / 2 + kPanelRowPairs - 1) / kPanelRowPairs;
+      column_groups = (column_pairs + kPanelColumnPairs - 1) / kPanelColumnPairs;
+      element_blocks = row_groups * column_groups;
+    } else {
+      element_blocks = (p.row_blocks / 2) * column_pairs;
+    }
     blocks = batch * element_blocks;
     const int64_t chunks_per_thread = 8;  // enough to even out threads that start late or run slower
     pack_chunk = std::max<int64_t>(1, pack_tiles / (threads * chunks_per_thread));
-    block_chunk = std::max<int64_t>(1, blocks / (threads * chunks_per_thread));
+    block_chunk = row_groups ? 1 : std::max<int64_t>(1, blocks / (threads * chunks_per_thread));
   }
 
   // The product of batch element `index`: operands and result offset to it.
@@ -232,19 +305,32 @@ struct Work {
   void PackTile(int64_t t) {
     const int64_t element_tiles = a_tiles + b_tiles, index = t / element_tiles, local = t % element_tiles;
     const Problem element = Element(index);
+    // Where the contraction runs down the rows of an operand ([K, M] a, [K, N] b), a tile reads half of each
+    // 64-byte line, and its neighbour along M (N) the other half: those two are packed one after the other,
+    // while the line is in cache. Otherwise tiles go along K, which reads each row from start to end.
     if (local < a_tiles) {
-      PackATile(element, local / p.depth_blocks, local % p.depth_blocks,
-                packed_a.get() + (index * a_tiles + local) * kTileValues);
+      const int64_t mb = p.transpose_a ? local % p.row_blocks : local / p.depth_blocks;
+      const int64_t kb = p.transpose_a ? local / p.row_blocks : local % p.depth_blocks;
+      PackATile(element, mb, kb, packed_a.get() + (index * a_tiles + mb * p.depth_blocks + kb) * kTileValues);
     } else {
       const int64_t u = local - a_tiles;
-      PackBTile(element, u / p.depth_blocks, u % p.depth_blocks, packed_b.get() + (index * b_tiles + u) * kTileValues);
+      const int64_t nb = p.transpose_b ? u / p.depth_blocks : u % p.column_blocks;
+      const int64_t kb = p.transpose_b ? u % p.depth_blocks : u / p.column_blocks;
+      PackBTile(element, nb, kb, packed_b.get() + (index * b_tiles + nb * p.depth_blocks + kb) * kTileValues);
     }
   }
 
   void MultiplyBlockAt(int64_t block) {
     const int64_t index = block / element_blocks, local = block % element_blocks;
-    MultiplyBlock(Element(index), packed_a.get() + index * a_tiles * kTileValues,
-                  packed_b.get() + index * b_tiles * kTileValues, 2 * (local / column_pairs), 2 * (local % column_pairs));
+    const uint16_t* a = packed_a.get() + index * a_tiles * kTileValues;
+    const uint16_t* b = packed_b.get() + index * b_tiles * kTileValues;
+    if (row_groups) {
+      const int64_t mb = (local / column_groups) * kPanelRowPairs, nb = (local % column_groups) * kPanelColumnPairs;
+      MultiplyPanel(Element(index), a, b, mb, std::min(p.row_blocks / 2, mb + kPanelRowPairs), nb,
+                    std::min(column_pairs, nb + kPanelColumnPairs));
+      return;
+    }
+    MultiplyBlock(Element(index), a, b, 2 * (local / column_pairs), 2 * (local % column_pairs));
   }
 
   void Participate() {
@@ -276,6 +362,7 @@ struct Work {
   const int64_t batch;
   TileBuffer packed_a, packed_b;
   int64_t a_tiles, b_tiles, pack_tiles, column_pairs, element_blocks, blocks, pack_chunk, block_chunk;
+  int64_t row_groups = 0, column_groups = 0;  // of panels, for deep contractions; 0 when it goes by blocks
   std::atomic<int64_t> next_tile{0}, packed_tiles{0}, next_block{0}, finished_blocks{0};
 };
 
