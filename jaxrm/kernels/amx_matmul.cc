@@ -150,6 +150,22 @@ void StoreClipped(const Problem& p, const float* scratch, int64_t row0, int64_t 
     std::memcpy(p.c + (row0 + r) * p.n + column0, scratch + r * kRows, columns * sizeof(float));
 }
 
+// Adds A rows (a0, a1) x B columns (b0, b1) over K tiles [kb_begin, kb_end) to tiles 0-3 (a 32 x 32 block).
+inline void MultiplyTiles(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1,
+                          int64_t kb_begin, int64_t kb_end) {
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t offset = kb * kTileValues;
+    _tile_loadd(4, a0 + offset, kTileBytes);
+    _tile_loadd(6, b0 + offset, kTileBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + offset, kTileBytes);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1 + offset, kTileBytes);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // One 32 x 32 block of C: rows of tiles mb, mb + 1 and columns of tiles nb, nb + 1, in tiles 0-3.
 void MultiplyBlock(const Problem& p, const uint16_t* packed_a, const uint16_t* packed_b, int64_t mb, int64_t nb) {
   const int64_t depth = p.depth_blocks;
@@ -161,17 +177,7 @@ void MultiplyBlock(const Problem& p, const uint16_t* packed_a, const uint16_t* p
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t kb = 0; kb < depth; ++kb) {
-    const int64_t offset = kb * kTileValues;
-    _tile_loadd(4, a0 + offset, kTileBytes);
-    _tile_loadd(6, b0 + offset, kTileBytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, b1 + offset, kTileBytes);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, a1 + offset, kTileBytes);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
+  MultiplyTiles(a0, a1, b0, b1, 0, depth);
   const int64_t row0 = mb * kRows, column0 = nb * kRows;
   const int64_t stride = p.n * static_cast<int64_t>(sizeof(float));
   if (row0 + 2 * kRows <= p.m && column0 + 2 * kRows <= p.n) {
@@ -222,17 +228,7 @@ void AccumulateBlock(const Problem& p, const uint16_t* packed_a, const uint16_t*
     _tile_loadd(2, acc + kRows * stride, bytes);
     _tile_loadd(3, acc + kRows * stride + kRows, bytes);
   }
-  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const int64_t offset = kb * kTileValues;
-    _tile_loadd(4, a0 + offset, kTileBytes);
-    _tile_loadd(6, b0 + offset, kTileBytes);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, b1 + offset, kTileBytes);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, a1 + offset, kTileBytes);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
+  MultiplyTiles(a0, a1, b0, b1, kb_begin, kb_end);
   _tile_stored(0, acc, bytes);
   _tile_stored(1, acc + kRows, bytes);
   _tile_stored(2, acc + kRows * stride, bytes);
