@@ -3,8 +3,8 @@ system C++ compiler, cached under ``$JAXRM_CACHE_DIR`` (default ``~/.cache/jaxrm
 registered with JAX's CPU backend.
 
 Example:
-    >>> from jaxrm.kernels import native
-    >>> library = native.load("pairwise.cc", native.BASE_FLAGS, ("jaxrm_bradley_terry",), "the loss kernel")
+    >>> from jaxrm.kernels import native, pairwise
+    >>> library = native.load("pairwise.cc", pairwise.FLAGS, ("jaxrm_bradley_terry",), "the loss kernel")
     >>> library is None or hasattr(library, "jaxrm_bradley_terry")
     True
 """

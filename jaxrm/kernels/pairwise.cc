@@ -95,11 +95,18 @@ JAXRM_VECTOR_CLONES void BradleyTerryPairs(const float* __restrict chosen, const
     const float d = chosen[i] - rejected[i] - (kOneMargin ? one_margin : margin[i]);
     const float a = d < 0.0f ? -d : d;
     const bool live = a < 87.0f;  // below e^-87, e = 0 (float32 has no normal number there); NaN is not live
-    const float e = live ? ExpNonPositive(live ? -a : 0.0f) : 0.0f;
-    loss[i] = d != d ? d : (d < 0.0f ? -d : 0.0f) + Log1pUnit(e);  // NaN in, NaN out
-    const float sigma = (d >= 0.0f ? e : 1.0f) / (1.0f + e);
-    d_chosen[i] = d != d ? d : -sigma;
-    d_rejected[i] = d != d ? d : sigma;
+    // Everything is computed for every pair and then selected, and NaN is carried by arithmetic (nan_or_zero is
+    // NaN for a NaN d, else 0, infinities included): with no condition around a store or a call, the AVX2 clone
+    // compiles to plain vector code (with selects written into the stores, GCC emits masked stores, which are
+    // microcoded on AMD and made this loop several times slower there).
+    const float e_live = ExpNonPositive(live ? -a : 0.0f);
+    const float e = live ? e_live : 0.0f;
+    const float nan_or_zero = std::min(a, 1.0f) * 0.0f;  // std::min(NaN, 1) is NaN
+    const float reciprocal = 1.0f / (1.0f + e);
+    const float sigma = d >= 0.0f ? e * reciprocal : reciprocal;
+    loss[i] = (d < 0.0f ? -d : 0.0f) + Log1pUnit(e) + nan_or_zero;
+    d_chosen[i] = nan_or_zero - sigma;
+    d_rejected[i] = sigma + nan_or_zero;
   }
 }
 
