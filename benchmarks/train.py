@@ -1,7 +1,7 @@
 """Train-step benchmark: throughput, compile time, compilations, memory and FLOP/s against a matmul peak.
 
     jaxrm bench train [--models minilm qwen3-50m] [--devices 1 8] [--batch 16] [--length 256] [--repeats 5]
-                      [--dtype bfloat16|float32]
+                      [--dtype auto|bfloat16|float32]
 
 For each model and device count, the engine's own train step (``jaxrm.train.step.jit_train_step`` with
 the Optax optimizer of ``jaxrm.train.optimizer``, jitted with the loop's shardings and donation) on a
@@ -11,7 +11,8 @@ batch of ``batch`` pairs × ``length`` tokens of random ids, every token real:
 - pairs/s and tokens/s;
 - FLOPs of one step from XLA's cost analysis (of the step with XLA's own products: it does not count the
   AMX kernel's custom calls), the achieved FLOP/s, and its fraction of the peak of a JAX matmul of the
-  model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the compute ``--dtype``,
+  model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the compute ``--dtype``
+  (``auto``, the default, as ``model.dtype: auto`` resolves here: `jaxrm.models.layers.auto_compute_dtype`),
   float32 accumulation) measured in the same process just before: XLA's product, and where the layers use
   `jaxrm.kernels.amx` that kernel's too, the higher of the two;
 - memory: XLA's temporary buffers of the step (``memory_analysis``) and the process's peak RSS;
@@ -157,13 +158,14 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
     import jax.numpy as jnp
 
     from jaxrm.kernels import amx
-
+    from jaxrm.models.layers import auto_compute_dtype
     from jaxrm.train.mesh import batch_sharding, global_batch, make_mesh, on_mesh, replicated, state_shardings
     from jaxrm.train.optimizer import make_optimizer
     from jaxrm.train.step import TrainStep, TrainState, jit_train_step, split_model
 
     if len(jax.devices()) < devices:
         raise RuntimeError(f"{devices} devices asked, {len(jax.devices())} present")
+    dtype = auto_compute_dtype() if dtype == "auto" else dtype
     config = _config(model_name, batch, length, devices, dtype)
     model = _build(config)
     spec = model.backbone.spec
@@ -265,8 +267,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run-steps", type=int, default=60)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                        help="compute dtype of the products (model.dtype); the matmul peak is taken in it")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype of the products (model.dtype; auto: bfloat16 where the CPU has "
+                             "bfloat16 dot-product instructions, else float32); the matmul peak is taken in it")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train"))
 
 

@@ -1,4 +1,5 @@
-"""Process-level settings for XLA:CPU: glibc malloc tuned so a step's buffers are reused, not re-faulted.
+"""The host CPU as XLA:CPU sees it: its instruction-set flags (`cpu_flags`), and process-level settings --
+glibc malloc tuned so a step's buffers are reused, not re-faulted.
 
 XLA:CPU takes a step's temporary buffers (about 3.5 GiB for the MiniLM train step at 32 × 256 tokens)
 from ``malloc`` and frees them when the step ends. glibc serves every allocation above its mmap
@@ -24,6 +25,7 @@ import os
 import platform
 import re
 import sys
+from pathlib import Path
 
 MALLOC_SETTINGS = {
     "MALLOC_ARENA_MAX": "1",  # every thread allocates from one heap, so freed buffers are found again
@@ -62,6 +64,27 @@ def untuned_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     for key in environ.pop(ADDED_KEY, "").split(","):
         environ.pop(key, None)
     return environ
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set extensions Linux reports for the CPU: the ``flags`` line of ``/proc/cpuinfo`` on
+    x86 (``avx2``, ``avx512_bf16``, ``amx_tile``, ...), ``Features`` on Arm (``asimd``, ``bf16``, ...); empty
+    where there is no such file.
+
+    Example:
+        >>> sorted(cpu_flags("processor : 0\\nflags : fpu avx2 fma\\n"))
+        ['avx2', 'fma', 'fpu']
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
 
 
 def reexec(module: str, argv: list[str]) -> None:

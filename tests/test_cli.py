@@ -33,6 +33,7 @@ def test_train_leaves_a_complete_run_directory(run_dir):
     assert summary["step"] == 12 and summary["n_pairs"] == 64
     assert 0.0 <= summary["accuracy"] <= 1.0 and "spearman_true_reward" in summary
     assert summary["data"]["train"]["records"] == 256
+    assert summary["compute_dtype"] == "float32"  # the quickstart's model.dtype (the default)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line["split"] == "train"] == [4, 8, 12]
     assert [line["step"] for line in lines if line["split"] == "eval"] == [6, 12]

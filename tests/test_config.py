@@ -49,6 +49,7 @@ def test_wrong_type_names_key(override, key):
     ("train.batch_size=0", "train.batch_size"),
     ("train.grad_accum_steps=3", "train.grad_accum_steps"),
     ("data.truncation=middle", "data.truncation"),
+    ("model.dtype=bf16", "model.dtype"),
     ("data.sequences_per_row=0", "data.sequences_per_row"),
     ("data.length_group_batches=16", "data.balance_group_batches"),  # excludes the default balancing
 ])

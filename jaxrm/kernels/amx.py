@@ -35,11 +35,11 @@ import math
 import os
 import platform
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from jaxrm import host
 from jaxrm.kernels import native
 
 SOURCE = "amx_matmul.cc"
@@ -54,15 +54,9 @@ log = logging.getLogger(__name__)
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     """Whether the CPU reports the AMX tile and bfloat16 units (Linux ``/proc/cpuinfo`` flags)."""
-    if cpuinfo is None:
-        if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-            return False
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "amx_tile" in flags and "amx_bf16" in flags
+    if cpuinfo is None and (not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64")):
+        return False
+    return {"amx_tile", "amx_bf16"} <= host.cpu_flags(cpuinfo)
 
 
 @functools.cache

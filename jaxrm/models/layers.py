@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrm import host
 from jaxrm.kernels import amx
 
 
@@ -50,6 +51,33 @@ def logical_axes(*names: str | None) -> dict:
     """Metadata naming a parameter's logical axes for the training engine's sharding rules
     (`jaxrm.train.mesh`); placement happens there, not at initialisation."""
     return {"out_sharding": names, "eager_sharding": False}
+
+
+#: CPU flags (`jaxrm.host.cpu_flags`) of bfloat16 dot-product instructions: x86's AVX512-BF16 and AMX, Arm's BF16.
+BFLOAT16_PRODUCT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def auto_compute_dtype(backend: str | None = None, flags: frozenset[str] | None = None) -> str:
+    """The compute dtype that ``model.dtype: auto`` stands for here: ``bfloat16`` where matrix products have
+    bfloat16 units -- a TPU or GPU, or a CPU reporting one of `BFLOAT16_PRODUCT_FLAGS` -- else ``float32``.
+
+    Without those instructions XLA:CPU widens bfloat16 operands to float32 and multiplies at the float32 rate,
+    so the conversions only add time: on an AMD EPYC (Zen 3, AVX2) the MiniLM train step at 16 pairs × 256
+    tokens takes 8.9 s with bfloat16 products and 7.1 s in float32.
+
+    Args:
+      backend: JAX's backend (default `jax.default_backend`).
+      flags: the CPU's flags (default `jaxrm.host.cpu_flags`), read only on the CPU backend.
+
+    Example:
+        >>> auto_compute_dtype("cpu", frozenset({"avx2", "fma"})), auto_compute_dtype("cpu", frozenset({"avx512_bf16"}))
+        ('float32', 'bfloat16')
+        >>> auto_compute_dtype("tpu")
+        'bfloat16'
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return "bfloat16"
+    return "bfloat16" if BFLOAT16_PRODUCT_FLAGS & (host.cpu_flags() if flags is None else flags) else "float32"
 
 
 #: Added to the scores of masked keys. Finite, so a query with no allowed key attends uniformly.

@@ -35,7 +35,9 @@ class ModelConfig:
     path: str | None = None
     #: Hugging Face config fields for random initialisation (``model_type`` required) when ``path`` is None.
     config: dict[str, Any] | None = None
-    #: Compute dtype of the backbone (``float32`` or ``bfloat16``); parameters, head and loss stay float32.
+    #: Compute dtype of the backbone's products (``float32``, ``bfloat16``, ``float16``, or ``auto``: bfloat16 on
+    #: TPU, GPU and CPUs with bfloat16 dot-product instructions, else float32 -- see
+    #: `jaxrm.models.layers.auto_compute_dtype`); parameters, head and loss stay float32.
     dtype: str = "float32"
     param_dtype: str = "float32"
     #: Rematerialise each layer in the backward pass (less memory, ~30 % more compute).
@@ -180,7 +182,7 @@ class Config:
 _PAIRWISE_LOSSES = ("bradley_terry", "hinge", "smoothed_bradley_terry", "focal_bradley_terry")
 
 _CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.pooling": (None, "last", "first"),
     "data.truncation": ("prompt_left", "right", "error"),

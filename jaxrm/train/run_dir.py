@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxrm.data.sources import SYNTHETIC, synthetic_task
 from jaxrm.models import RewardModel, load_tokenizer
+from jaxrm.models.layers import auto_compute_dtype
 from jaxrm.train.config import Config, ConfigError, ModelConfig, load_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -81,9 +82,14 @@ def hf_config_for(model_config: ModelConfig, tokenizer) -> transformers.Pretrain
         raise ConfigError(f"model.config: {error}") from None
 
 
+def compute_dtype(model_config: ModelConfig) -> str:
+    """``model.dtype``, with ``auto`` resolved for this machine (`jaxrm.models.layers.auto_compute_dtype`)."""
+    return auto_compute_dtype() if model_config.dtype == "auto" else model_config.dtype
+
+
 def model_options(model_config: ModelConfig) -> dict:
     return dict(
-        dtype=DTYPES[model_config.dtype], param_dtype=DTYPES[model_config.param_dtype],
+        dtype=DTYPES[compute_dtype(model_config)], param_dtype=DTYPES[model_config.param_dtype],
         remat=model_config.remat, pooling=model_config.pooling, head_bias=model_config.head_bias,
     )
 
