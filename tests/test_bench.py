@@ -33,6 +33,11 @@ def test_losses_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert "bradley_terry" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     assert result["floors"]["n"] == 1000
+    # The fractions are taken against the better of the two bandwidth readings.
+    assert result["roofline_bytes_per_s"] == max(result["in_place_bandwidth_bytes_per_s"],
+                                                 result["fresh_output_bandwidth_bytes_per_s"])
+    ours = next(r for r in rows if r["loss"] == "bradley_terry" and r["mode"] == "fwd+bwd")
+    assert ours["fraction_of_roofline"] == pytest.approx(ours["bytes_per_s"] / result["roofline_bytes_per_s"])
 
 
 def test_every_loss_has_a_benchmark_case():
@@ -104,3 +109,4 @@ def test_peers_synthetic_stand_in_is_hh_shaped_and_read_as_pairs(tmp_path):
         assert record["chosen"] != record["rejected"]
     pairs, _ = read_records(path)
     assert len(pairs) == 50 and all(isinstance(pair, PairRecord) for pair in pairs)
+
