@@ -17,8 +17,11 @@ checkpoint):
 
 - TRL 1.x ``RewardTrainer`` (torch, ``--torch-threads`` threads), batch 16, cosine schedule with the
   same warmup, learning rate and weight decay as jaxrm, no checkpoints, every other setting at
-  ``RewardConfig``'s defaults (bfloat16 autocast, activation checkpointing, dropout off: recorded in the
-  result); a callback timestamps every step;
+  ``RewardConfig``'s defaults (activation checkpointing, dropout off: recorded in the result) except its
+  precision, which follows the rule of jaxrm's ``model.dtype: auto`` (``--trl-bf16 auto``): bfloat16
+  autocast where the CPU has bfloat16 dot-product instructions (RewardConfig's default), float32 elsewhere
+  — PyTorch's bfloat16 products without them run at ~1 GFLOP/s on an AMD Zen 3 (35 in float32), and a
+  60-step run would take hours; a callback timestamps every step;
 - jaxrm: ``jaxrm train configs/minilm-hh.yaml`` with overrides (the kept pairs, the held-out slice as
   ``data.eval``, ``train.steps``), the real engine.
 
@@ -96,7 +99,7 @@ def prepare(data: Path, workdir: Path, max_length: int, seed: int = 0,
 
 
 def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, threads: int, config: dict,
-            seed: int = 0) -> dict:
+            seed: int = 0, bf16: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -131,7 +134,7 @@ def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, 
         learning_rate=config["learning_rate"], warmup_steps=schedule_warmup, lr_scheduler_type="cosine",
         weight_decay=config["weight_decay"], max_length=config["max_length"], logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, bf16=bf16,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                             callbacks=[clock])
@@ -164,7 +167,7 @@ def run_trl(workdir: Path, steps: int, schedule_warmup: int, warmup_steps: int, 
         "steady_tokens_per_s": (clock.tokens[-1] - (clock.tokens[warm - 1] if warm else 0)) / steady_seconds,
         "heldout_pairs": len(heldout),
         "heldout_accuracy": correct / len(heldout),
-        # RewardConfig's own defaults, recorded: bfloat16 autocast and activation checkpointing.
+        # The precision asked for and RewardConfig's own default of activation checkpointing, recorded.
         "bf16": bool(args.bf16),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
     }
@@ -221,10 +224,22 @@ def shared_settings() -> dict:
             "weight_decay": config["train"]["weight_decay"], "max_length": config["data"]["max_length"]}
 
 
+def trl_bf16(choice: str) -> bool:
+    """``--trl-bf16``: ``on``, ``off``, or ``auto`` — bfloat16 autocast where the CPU multiplies bfloat16 (the rule
+    of ``model.dtype: auto`` on the CPU, `jaxrm.models.layers.auto_compute_dtype`)."""
+    if choice == "auto":
+        from jaxrm.models.layers import auto_compute_dtype
+
+        return auto_compute_dtype("cpu") == "bfloat16"
+    return choice == "on"
+
+
 def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, extra: list[str],
-        log=print, heldout_fraction: float = HELDOUT_FRACTION, seeds: tuple[int, ...] = SEEDS) -> dict:
+        log=print, heldout_fraction: float = HELDOUT_FRACTION, seeds: tuple[int, ...] = SEEDS,
+        trl_precision: str = "auto") -> dict:
     """Both sides once per seed, TRL then jaxrm, on the same split; returns every run and the summary."""
     settings = shared_settings()
+    bf16 = trl_bf16(trl_precision)
     schedule_warmup = max(1, steps // 10)
     counts = prepare(data, workdir, settings["max_length"], heldout_fraction=heldout_fraction)
     log(f"data: {counts}")
@@ -249,7 +264,8 @@ def run(data: Path, workdir: Path, steps: int, warmup_steps: int, threads: int, 
         if trl_available:
             command = [sys.executable, "-m", "benchmarks.peers", "--side", "trl", "--workdir", str(workdir),
                        "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--torch-threads", str(threads),
-                       "--schedule-warmup", str(schedule_warmup), "--seeds", str(seed)]
+                       "--schedule-warmup", str(schedule_warmup), "--seeds", str(seed),
+                       "--trl-bf16", "on" if bf16 else "off"]
             # TRL runs in the environment the user gave, without the malloc settings the jaxrm command adds
             # for itself (jaxrm.host); the jaxrm side below inherits them, as `jaxrm train` would set them.
             seconds = _timed(command, workdir / f"trl-{seed}.log", env=untuned_environment())
@@ -368,6 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                         help="one run of each side per seed (jaxrm's train.seed, TRL's seed)")
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--trl-bf16", choices=("auto", "on", "off"), default="auto",
+                        help="TRL's bfloat16 autocast; auto: on where the CPU has bfloat16 dot-product instructions")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jaxrm-bench-peers"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers"))
     parser.add_argument("--jaxrm-override", action="append", default=[],
@@ -394,7 +412,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{data} is not here: using the synthetic set instead (hh-rlhf-shaped dialogues)", flush=True)
         data = write_synthetic_dialogues(args.workdir / "synthetic-pairs.jsonl")
     result = run(data, args.workdir, args.steps, args.warmup_steps, args.torch_threads, args.jaxrm_override,
-                 heldout_fraction=args.heldout_fraction, seeds=tuple(args.seeds))
+                 heldout_fraction=args.heldout_fraction, seeds=tuple(args.seeds), trl_precision=args.trl_bf16)
     write_result(result, args.out, markdown(result))
     print(markdown(result))
     return result
@@ -409,7 +427,7 @@ if __name__ == "__main__":
     if arguments.side == "trl":
         seed = arguments.seeds[0]
         outcome = run_trl(arguments.workdir, arguments.steps, arguments.schedule_warmup, arguments.warmup_steps,
-                          arguments.torch_threads, shared_settings(), seed=seed)
+                          arguments.torch_threads, shared_settings(), seed=seed, bf16=trl_bf16(arguments.trl_bf16))
         (arguments.workdir / f"trl-{seed}.json").write_text(json.dumps(outcome))
     else:
         main(arguments)

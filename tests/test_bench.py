@@ -110,3 +110,10 @@ def test_peers_synthetic_stand_in_is_hh_shaped_and_read_as_pairs(tmp_path):
     pairs, _ = read_records(path)
     assert len(pairs) == 50 and all(isinstance(pair, PairRecord) for pair in pairs)
 
+
+def test_peers_trl_precision_follows_the_auto_rule():
+    from jaxrm.models.layers import auto_compute_dtype
+
+    peers = bench.benchmark_module("peers")
+    assert peers.trl_bf16("on") and not peers.trl_bf16("off")
+    assert peers.trl_bf16("auto") == (auto_compute_dtype("cpu") == "bfloat16")
