@@ -36,7 +36,7 @@ from jaxrm.train.config import Config, ConfigError, save_config
 from jaxrm.train.mesh import batch_sharding, check_batch_divides, global_batch, make_mesh, on_mesh, replicated, state_shardings
 from jaxrm.train.metrics_log import MetricsLog, plot_loss, summary_table
 from jaxrm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxrm.train.run_dir import build_model, build_tokenizer, compute_dtype, save_model_spec
+from jaxrm.train.run_dir import build_model, build_tokenizer, save_model_spec
 from jaxrm.train.step import TrainState, jit_train_step, loss_kind, make_reward_step, split_model
 
 
@@ -267,7 +267,7 @@ def train(config: Config) -> dict:
         "resumed_from": resumed_from,
         "skipped_steps": skipped["steps"],
         "wall_time_s": time.perf_counter() - started,
-        "compute_dtype": compute_dtype(config.model),
+        "compute_dtype": jnp.dtype(model.backbone.dtype).name,  # as built: model.dtype with auto resolved
         **{f"train_{k}": v for k, v in window.run_rates().items()},
         "data": {split: {**report.as_dict(), "skipped": skipped["records"] if split == "train" else 0}
                  for split, report in reports.items()},
