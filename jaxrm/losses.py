@@ -25,7 +25,8 @@ Conventions shared by every function:
   and ``jax.pmap``.
 - :func:`bradley_terry` differentiated on 16,384 pairs or more, float32, on one CPU device, takes its
   value and derivatives from one C++ pass over the pairs (:mod:`jaxrm.kernels.pairwise`; 1.6–2.3× as
-  fast as XLA's code at 10⁷ pairs, by machine): the same to a few float32 roundings, and differentiable to any order.
+  fast as XLA's code at 10⁷ pairs, by machine): the same to a few float32 roundings, and
+  differentiable to any order.
 
 The names the training engine looks up in a config are in :data:`PAIRWISE_LOSSES`,
 :data:`TIE_LOSSES` and :data:`LISTWISE_LOSSES`.
