@@ -23,10 +23,10 @@ Conventions shared by every function:
 - Results are per example (per pair, or per list); reduce them with :func:`masked_mean`.
 - Everything is pure and works under ``jax.jit``, ``jax.grad``, ``jax.vmap``, ``jax.shard_map``
   and ``jax.pmap``.
-- :func:`bradley_terry` differentiated on 16,384 pairs or more, float32, on one CPU device, takes its
-  value and derivatives from one C++ pass over the pairs (:mod:`jaxrm.kernels.pairwise`; 1.6–2.3× as
-  fast as XLA's code at 10⁷ pairs, by machine): the same to a few float32 roundings, and
-  differentiable to any order.
+- :func:`bradley_terry` on 16,384 pairs or more, float32, on one CPU device, takes its value (and,
+  differentiated, its derivatives) from one C++ pass over the pairs (:mod:`jaxrm.kernels.pairwise`;
+  1.3–2.3× as fast as XLA's code at 10⁷ pairs, by machine and pass): the same to a few float32
+  roundings, and differentiable to any order.
 
 The names the training engine looks up in a config are in :data:`PAIRWISE_LOSSES`,
 :data:`TIE_LOSSES` and :data:`LISTWISE_LOSSES`.
@@ -265,27 +265,12 @@ def _bradley_terry(chosen, rejected, margin):
     dtype = _compute_dtype(chosen, rejected)
     chosen, rejected, margin = chosen.astype(dtype), rejected.astype(dtype), margin.astype(dtype)
     if pairwise.takes(chosen.shape, dtype):  # 16,384 pairs or more on one CPU
-        return _bradley_terry_with_kernel_derivatives(chosen, rejected, margin)
+        return pairwise.bradley_terry_loss(chosen, rejected, margin)
     return _bradley_terry_formula(chosen, rejected, margin)
 
 
 def _bradley_terry_formula(chosen, rejected, margin):
     return _float32(-_log_sigmoid(chosen - rejected - margin))
-
-
-@jax.custom_jvp
-def _bradley_terry_with_kernel_derivatives(chosen, rejected, margin):
-    """The value from XLA's formula, which folds into a following sum without writing the losses out; under
-    differentiation, the value and derivatives from one pass of `jaxrm.kernels.pairwise`."""
-    return _bradley_terry_formula(chosen, rejected, margin)
-
-
-@_bradley_terry_with_kernel_derivatives.defjvp
-def _bradley_terry_with_kernel_derivatives_jvp(primals, tangents):
-    loss, d_chosen, d_rejected = pairwise.bradley_terry_and_derivatives(*primals)
-    chosen_dot, rejected_dot, margin_dot = tangents
-    # d_rejected for both: one product when both are differentiated, and none for a constant cotangent (a sum).
-    return loss, d_chosen * chosen_dot + d_rejected * (rejected_dot + margin_dot)
 
 
 def hinge(chosen_rewards: ArrayLike, rejected_rewards: ArrayLike, margin: ArrayLike = 1.0) -> jax.Array:

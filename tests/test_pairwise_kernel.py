@@ -1,5 +1,5 @@
-"""jaxrm.kernels.pairwise: the one-pass Bradley–Terry loss and derivatives against float64 NumPy, at the branch
-points of its exp and log and far out; its derivatives of every order against autodiff of XLA's formula; and
+"""jaxrm.kernels.pairwise: the one-pass Bradley–Terry loss (alone, and with its derivatives) against float64
+NumPy, at the branch points of its exp and far out; its derivatives of every order against autodiff of XLA's formula; and
 jaxrm.losses.bradley_terry taking it (or not) where it should. Needs a C++ compiler (skipped without one)."""
 
 import os
@@ -95,6 +95,33 @@ def test_vmap_gives_each_row_its_own_margin():
                                rtol=2e-6)
 
 
+def test_the_forward_kernel_writes_the_same_losses():
+    """`bradley_terry_loss` (one quotient, no σ) against float64 and against the loss of the derivatives' pass,
+    with per-pair, scalar and vmapped margins; differentiated, it is the derivatives' pass."""
+    d = _gaps()
+    zeros = jnp.zeros_like(d)
+    loss = np.asarray(jax.jit(pairwise.bradley_terry_loss)(jnp.asarray(d), zeros, jnp.float32(0.0)))
+    np.testing.assert_allclose(loss, _reference(d)[0], rtol=1e-6, atol=2e-38)
+    np.testing.assert_allclose(loss, np.asarray(pairwise.bradley_terry_and_derivatives(jnp.asarray(d), zeros,
+                                                                                         jnp.float32(0.0))[0]),
+                               rtol=1e-6, atol=2e-38)
+    assert np.isnan(np.asarray(pairwise.bradley_terry_loss(jnp.array([jnp.nan, 1.0]), jnp.zeros(2), jnp.zeros(2)))[0])
+    rng = np.random.default_rng(3)
+    chosen, rejected = (jnp.asarray(rng.standard_normal((3, 1000)), jnp.float32) for _ in range(2))
+    margins = jnp.array([0.0, 1.0, -2.5], jnp.float32)
+    batched = np.asarray(jax.vmap(pairwise.bradley_terry_loss)(chosen, rejected, margins))
+    np.testing.assert_allclose(batched, _reference(np.asarray(chosen, np.float64) - np.asarray(rejected)
+                                                   - np.asarray(margins)[:, None])[0], rtol=2e-6)
+    per_pair = jnp.broadcast_to(margins[:, None], chosen.shape)
+    np.testing.assert_array_equal(np.asarray(pairwise.bradley_terry_loss(chosen, rejected, per_pair)), batched)
+    slopes = jax.grad(lambda c, r: jnp.sum(pairwise.bradley_terry_loss(c, r, per_pair)), (0, 1))(chosen, rejected)
+    _, d_chosen, d_rejected = pairwise.bradley_terry_and_derivatives(chosen, rejected, per_pair)
+    np.testing.assert_array_equal(np.asarray(slopes[0]), np.asarray(d_chosen))
+    np.testing.assert_array_equal(np.asarray(slopes[1]), np.asarray(d_rejected))
+    with pytest.raises(ValueError, match="bradley_terry_loss takes float32"):
+        pairwise.bradley_terry_loss(chosen, rejected, jnp.ones(2))
+
+
 def _formula(chosen, rejected, margin):
     return L._bradley_terry_formula(chosen, rejected, margin)
 
@@ -153,6 +180,7 @@ def _one_device(code: str, **env) -> str:
 
 
 LOSSES_ON_ONE_DEVICE = """
+import re
 import jax, jax.numpy as jnp, numpy as np
 import jaxrm.losses as L
 n = 100_000
@@ -167,17 +195,20 @@ ref_value, (rc, rr, rm) = jax.jit(jax.value_and_grad(formula, argnums=(0, 1, 2))
 np.testing.assert_allclose(value, ref_value, rtol=1e-5)
 for ours, theirs in ((gc, rc), (gr, rr), (gm, rm)):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-6, atol=1e-7)
+np.testing.assert_allclose(jax.jit(total)(c, r, m), ref_value, rtol=1e-5)
 low = jax.grad(total)(c.astype(jnp.bfloat16), r.astype(jnp.bfloat16), m)
-print("differentiated", "jaxrm_bradley_terry" in grads.lower(c, r, m).as_text())
-print("forward", "jaxrm_bradley_terry" in jax.jit(total).lower(c, r, m).as_text())
-print("small", "jaxrm_bradley_terry" in grads.lower(c[:1000], r[:1000], m[:1000]).as_text())
+calls = lambda lowered: ",".join(re.findall(r"custom_call @(jaxrm_\\w+)", lowered.as_text())) or "none"
+print("differentiated", calls(grads.lower(c, r, m)))
+print("forward", calls(jax.jit(total).lower(c, r, m)))
+print("small", calls(grads.lower(c[:1000], r[:1000], m[:1000])))
 print("bfloat16", low.dtype)
 """
 
 
 def test_losses_take_the_kernel_for_gradients_on_one_device():
     lines = _one_device(LOSSES_ON_ONE_DEVICE).split("\n")
-    assert lines[:4] == ["differentiated True", "forward False", "small False", "bfloat16 bfloat16"]
+    assert lines[:4] == ["differentiated jaxrm_bradley_terry", "forward jaxrm_bradley_terry_loss", "small none",
+                         "bfloat16 bfloat16"]
 
 
 def test_jaxrm_loss_kernel_0_turns_it_off():

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -116,6 +118,20 @@ JAXRM_VECTOR_CLONES void BradleyTerryPairs(const float* __restrict chosen, const
   }
 }
 
+// Pairs [begin, end): the loss alone, for a forward pass (one quotient, h = 2e / (2 + e), and no sigma).
+template <bool kOneMargin>
+JAXRM_VECTOR_CLONES void BradleyTerryLossPairs(const float* __restrict chosen, const float* __restrict rejected,
+                                               const float* __restrict margin, float* __restrict loss, int64_t begin,
+                                               int64_t end) {
+  const float one_margin = margin[0];
+  for (int64_t i = begin; i < end; ++i) {
+    const float d = chosen[i] - rejected[i] - (kOneMargin ? one_margin : margin[i]);
+    const float a = std::fabs(d);
+    const float e = a >= 87.0f ? 0.0f : ExpNonPositive(-a);
+    loss[i] = std::max(-d, 0.0f) + TwiceAtanhOfHalf((e + e) / (2.0f + e));
+  }
+}
+
 // Runs chunk(begin, end) over [0, count) in pieces of kChunk, on the calling thread and XLA's pool.
 template <typename Chunk>
 void ForEachChunk(ffi::ThreadPool& pool, int64_t count, Chunk chunk) {
@@ -136,26 +152,48 @@ void ForEachChunk(ffi::ThreadPool& pool, int64_t count, Chunk chunk) {
   while (progress->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-ffi::Error BradleyTerry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, ffi::Buffer<ffi::F32> rejected,
-                        ffi::Buffer<ffi::F32> margin, ffi::ResultBuffer<ffi::F32> loss_buffer,
-                        ffi::ResultBuffer<ffi::F32> d_chosen_buffer, ffi::ResultBuffer<ffi::F32> d_rejected_buffer) {
+// Checks the shapes, then runs pairs(margin_pointer, begin, end, one_margin) over the pairs in parallel: each chunk
+// whole when every pair has its own margin, else in the pieces of it that share one.
+template <typename Pairs>
+ffi::Error ForEachPair(const char* name, ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& chosen,
+                       const ffi::Buffer<ffi::F32>& rejected, const ffi::Buffer<ffi::F32>& margin, Pairs pairs) {
   const int64_t count = chosen.element_count(), margins = margin.element_count();
   if (rejected.element_count() != count || margins == 0 || count % margins != 0)
-    return ffi::Error::InvalidArgument("jaxrm_bradley_terry: chosen and rejected must have the same size, and "
+    return ffi::Error::InvalidArgument(std::string(name) + ": chosen and rejected must have the same size, and "
                                        "margin a size that divides it");
   if (count == 0) return ffi::Error::Success();
-  const float *c = chosen.typed_data(), *r = rejected.typed_data(), *m = margin.typed_data();
-  float *loss = loss_buffer->typed_data(), *d_chosen = d_chosen_buffer->typed_data(),
-        *d_rejected = d_rejected_buffer->typed_data();
+  const float* m = margin.typed_data();
   const int64_t run = count / margins;
   ForEachChunk(pool, count, [=](int64_t begin, int64_t end) {
-    if (run == 1) return BradleyTerryPairs<false>(c, r, m, loss, d_chosen, d_rejected, begin, end);
-    for (int64_t i = begin, stop; i < end; i = stop) {  // pieces of the chunk that share one margin
+    if (run == 1) return pairs(m, begin, end, std::false_type{});
+    for (int64_t i = begin, stop; i < end; i = stop) {
       stop = std::min(end, (i / run + 1) * run);
-      BradleyTerryPairs<true>(c, r, m + i / run, loss, d_chosen, d_rejected, i, stop);
+      pairs(m + i / run, i, stop, std::true_type{});
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error BradleyTerry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, ffi::Buffer<ffi::F32> rejected,
+                        ffi::Buffer<ffi::F32> margin, ffi::ResultBuffer<ffi::F32> loss_buffer,
+                        ffi::ResultBuffer<ffi::F32> d_chosen_buffer, ffi::ResultBuffer<ffi::F32> d_rejected_buffer) {
+  const float *c = chosen.typed_data(), *r = rejected.typed_data();
+  float *loss = loss_buffer->typed_data(), *d_chosen = d_chosen_buffer->typed_data(),
+        *d_rejected = d_rejected_buffer->typed_data();
+  return ForEachPair("jaxrm_bradley_terry", pool, chosen, rejected, margin,
+                     [=](const float* m, int64_t begin, int64_t end, auto one_margin) {
+                       BradleyTerryPairs<decltype(one_margin)::value>(c, r, m, loss, d_chosen, d_rejected, begin, end);
+                     });
+}
+
+ffi::Error BradleyTerryLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, ffi::Buffer<ffi::F32> rejected,
+                            ffi::Buffer<ffi::F32> margin, ffi::ResultBuffer<ffi::F32> loss_buffer) {
+  const float *c = chosen.typed_data(), *r = rejected.typed_data();
+  float* loss = loss_buffer->typed_data();
+  return ForEachPair("jaxrm_bradley_terry_loss", pool, chosen, rejected, margin,
+                     [=](const float* m, int64_t begin, int64_t end, auto one_margin) {
+                       BradleyTerryLossPairs<decltype(one_margin)::value>(c, r, m, loss, begin, end);
+                     });
 }
 
 }  // namespace
@@ -169,3 +207,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry, BradleyTerry,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // loss
                                   .Ret<ffi::Buffer<ffi::F32>>()    // d_chosen
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d_rejected
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry_loss, BradleyTerryLoss,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // chosen
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // rejected
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // margin
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // loss
