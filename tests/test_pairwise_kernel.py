@@ -19,6 +19,16 @@ from jaxrm.kernels import pairwise
 pytestmark = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
 
 CHUNK = 1 << 15  # pairs per claim in pairwise.cc
+STREAM_PAIRS = 3 << 19  # from this many pairs on, pairwise.cc's AVX-512 loops stream their outputs
+
+
+@pytest.fixture(autouse=True, params=["widest", "portable"])
+def loop(request, monkeypatch):
+    """Every test twice: with the widest loops this CPU runs (AVX-512 where it has it), and with the portable C++
+    loop (pairwise.cc reads JAXRM_LOSS_KERNEL on every call)."""
+    if request.param == "portable":
+        monkeypatch.setenv("JAXRM_LOSS_KERNEL", "portable")
+    return request.param
 
 
 def _reference(delta):
@@ -120,6 +130,27 @@ def test_the_forward_kernel_writes_the_same_losses():
     np.testing.assert_array_equal(np.asarray(slopes[1]), np.asarray(d_rejected))
     with pytest.raises(ValueError, match="bradley_terry_loss takes float32"):
         pairwise.bradley_terry_loss(chosen, rejected, jnp.ones(2))
+
+
+def test_streamed_outputs_are_the_plain_stores_values():
+    """Above STREAM_PAIRS the AVX-512 loops write with non-temporal stores, from a 64-byte boundary (vmapped rows
+    of 600,001 pairs start anywhere); every value is what the same pairs give in calls too small to stream."""
+    rng = np.random.default_rng(4)
+    chosen, rejected = (jnp.asarray(rng.standard_normal((3, 600_001)) * 4, jnp.float32) for _ in range(2))
+    margins = jnp.array([0.0, 1.0, -2.5], jnp.float32)
+    assert chosen.size >= STREAM_PAIRS
+    for function in (pairwise.bradley_terry_and_derivatives, pairwise.bradley_terry_loss):
+        whole = jax.vmap(function)(chosen, rejected, margins)
+        for row in range(3):
+            piece = function(chosen[row], rejected[row], margins[row])
+            for big, small in zip(jax.tree.leaves(whole), jax.tree.leaves(piece)):
+                np.testing.assert_array_equal(np.asarray(big)[row], np.asarray(small))
+    flat = pairwise.bradley_terry_and_derivatives(chosen.ravel(), rejected.ravel(), jnp.float32(0.5))
+    gaps = (np.asarray(chosen).ravel() - np.asarray(rejected).ravel()) - np.float32(0.5)  # d as float32 rounds it
+    ref_loss, ref_sigma = _reference(gaps)
+    np.testing.assert_allclose(np.asarray(flat[0]), ref_loss, rtol=1e-6, atol=2e-38)
+    np.testing.assert_allclose(np.asarray(flat[2]), ref_sigma, rtol=1e-6, atol=2e-38)
+    np.testing.assert_array_equal(np.asarray(flat[1]), -np.asarray(flat[2]))
 
 
 def _formula(chosen, rejected, margin):
