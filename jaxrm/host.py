@@ -1,5 +1,5 @@
 """The host CPU as XLA:CPU sees it: its instruction-set flags (`cpu_flags`), and process-level settings --
-glibc malloc tuned so a step's buffers are reused, not re-faulted.
+glibc malloc tuned so a step's buffers are reused, not re-faulted, and sit on huge pages.
 
 XLA:CPU takes a step's temporary buffers (about 3.5 GiB for the MiniLM train step at 32 × 256 tokens)
 from ``malloc`` and frees them when the step ends. glibc serves every allocation above its mmap
@@ -10,13 +10,21 @@ With one arena, no mmap-ed chunks and no trimming, the next step reuses the same
 and the 32 × 256 step drops from 5.4 s to 3.6 s. The price: the process keeps the memory of its largest
 step until it exits, which a training job holds anyway.
 
+``glibc.malloc.hugetlb=1`` (glibc 2.35 on; older versions ignore it) has malloc ask the kernel for
+transparent huge pages on its heap (where THP is in ``madvise`` mode, the common default), so a pass
+over large arrays walks one page table entry per 2 MiB instead of per 4 KiB. Measured on an AMD EPYC
+Zen 4 (2 cores), 10⁷ pairs: the Bradley–Terry kernel with its derivatives 6.2 → 4.2 ms (240 MB
+through it), the sum of its 40 MB of losses 1.9 → 1.0 ms; the MiniLM train step 3.04 → 2.96 s and
+its compilation 7.5 → 5.9 s, at the same peak memory.
+
 Not with several virtual CPU devices (``--xla_force_host_platform_device_count``, a testing setup):
 their steps run concurrently in one process, one shared arena fragments, and the resident memory of
 the 8-device Qwen3-50M benchmark grew past 24 GiB where glibc's defaults stay at 12.5 GiB.
 
 glibc reads these settings once, when the process starts, hence `tuned_environment` + `reexec` for the
 console command; a library user sets the same variables before starting Python. Nothing happens on
-other platforms or C libraries, or when ``JAXRM_TUNE_MALLOC=0``; variables the user set are kept.
+other platforms or C libraries, or when ``JAXRM_TUNE_MALLOC=0``; variables the user set are kept as
+they are (a ``GLIBC_TUNABLES`` of their own replaces jaxrm's).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ MALLOC_SETTINGS = {
     "MALLOC_ARENA_MAX": "1",  # every thread allocates from one heap, so freed buffers are found again
     "MALLOC_MMAP_MAX_": "0",  # large buffers come from the heap, not from fresh mmaps unmapped on free
     "MALLOC_TRIM_THRESHOLD_": str(2**40),  # freed memory stays mapped for the next step
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",  # the heap in 2 MiB transparent huge pages (glibc >= 2.35)
 }
 
 

@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,13 +21,16 @@ def test_tuned_environment_adds_the_settings_and_keeps_the_users():
     assert environ["PATH"] == "/bin"
     assert environ["MALLOC_ARENA_MAX"] == "4"  # the user's value wins
     assert environ["MALLOC_MMAP_MAX_"] == "0" and int(environ["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
+    assert environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.tcache_count=0"
 
 
 @linux_glibc
 def test_untuned_environment_takes_away_only_what_jaxrm_added():
     user = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}
     tuned = tuned_environment(user)
-    assert tuned[ADDED_KEY] == "MALLOC_MMAP_MAX_,MALLOC_TRIM_THRESHOLD_"
+    assert tuned[ADDED_KEY] == "MALLOC_MMAP_MAX_,MALLOC_TRIM_THRESHOLD_,GLIBC_TUNABLES"
     assert untuned_environment(tuned) == user
     assert untuned_environment(user) == user
 
@@ -57,6 +61,38 @@ def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path)
     shown = json.loads(lines[1])
     assert int(lines[0]) == shown.pop("pid")
     assert shown == MALLOC_SETTINGS
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return setting.split("[")[1].split("]")[0] if "[" in setting else "never"
+
+
+@linux_glibc
+@pytest.mark.skipif(tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 35),
+                    reason="glibc.malloc.hugetlb came with glibc 2.35")
+@pytest.mark.skipif(_transparent_huge_pages() != "madvise",
+                    reason="huge pages only on request where THP is in madvise mode")
+def test_the_tuned_heap_sits_on_huge_pages():
+    """A 256 MiB buffer from malloc, written once: on transparent huge pages under the tuned environment,
+    on 4 KiB pages under glibc's defaults (THP in madvise mode gives huge pages only to those who ask;
+    NumPy asks for its own arrays, hence plain malloc here)."""
+    probe = ("import ctypes; libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; "
+             "ctypes.memset(libc.malloc(2**28), 1, 2**28); "
+             "print(next(int(line.split()[1]) for line in open('/proc/self/smaps_rollup') "
+             "if line.startswith('AnonHugePages:')))")
+    plain = {k: v for k, v in os.environ.items()
+             if k not in MALLOC_SETTINGS and k not in ("JAXRM_TUNE_MALLOC", "XLA_FLAGS")}
+
+    def huge_kib(environ):
+        return int(subprocess.run([sys.executable, "-c", probe], env=environ, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert huge_kib(tuned_environment(plain)) >= 128 * 1024  # at least half the buffer
+    assert huge_kib(plain) == 0
 
 
 def test_the_restart_happens_before_jax_is_imported():
