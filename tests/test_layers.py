@@ -224,3 +224,19 @@ def test_normalize_in_bfloat16_sums_parameter_gradients_in_float32():
     np.testing.assert_allclose(np.asarray(bias_grad), g.sum(0), rtol=1e-6)
     rounded = np.asarray(jnp.asarray(normed.astype(np.float32)).astype(jnp.bfloat16), np.float64)
     np.testing.assert_allclose(np.asarray(scale_grad), (g * rounded).sum(0), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a rewrite for XLA:CPU's products")
+def test_compiled_attention_gradient_contracts_every_product_over_the_lhs_last_axis():
+    """XLA:CPU runs a product that contracts the lhs's rows (Pᵀ dO, dSᵀ Q) as a float32 Eigen dot; the backward
+    pass writes those as transposed products instead, which must survive XLA's simplifier into the compiled
+    program."""
+    query, key, value, padding = _inputs(4, 2, length=16)
+    mask = padding[:, None, None, :]
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, scale=0.3, dtype=jnp.bfloat16))),
+                            argnums=(0, 1, 2)))
+    text = grad.lower(query, key, value).compile().as_text()
+    dots = [line for line in text.splitlines() if " dot(" in line]
+    assert len(dots) == 6  # two forward products, four backward
+    for line in dots:
+        assert "lhs_contracting_dims={3}" in line, line

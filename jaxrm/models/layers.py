@@ -292,6 +292,14 @@ def _batch_matmul(lhs: jax.Array, rhs: jax.Array, transpose_lhs: bool = False, t
     (``op`` transposes those two axes when asked)."""
     if amx.takes(lhs, rhs):
         return amx.matmul(lhs, rhs, transpose_a=transpose_lhs, transpose_b=transpose_rhs)
+    if transpose_lhs and jax.default_backend() == "cpu":
+        # XLA:CPU's YNNPACK products do not take a contraction over the lhs's rows (Pᵀ dO, dSᵀ Q): XLA runs
+        # those as float32 Eigen dots on converted operands, several times slower per FLOP. (op(rhs)ᵀ lhs)ᵀ is the same
+        # product in the form YNNPACK takes, at the price of two small transposes ([B, K, ·, D]); the barriers
+        # keep XLA's simplifier from folding them back into the product. MiniLM gradient step, 16 pairs × 256,
+        # AMD EPYC Zen 4: 2.65 → 2.36 s (bfloat16), 4.36 → 4.19 s (float32).
+        flipped = rhs if transpose_rhs else jax.lax.optimization_barrier(jnp.swapaxes(rhs, 2, 3))
+        return jnp.swapaxes(jax.lax.optimization_barrier(_batch_matmul(flipped, lhs)), 2, 3)
     contracting = ((2,) if transpose_lhs else (3,), (3,) if transpose_rhs else (2,))
     return jax.lax.dot_general(lhs, rhs, (contracting, ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
 
