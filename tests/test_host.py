@@ -63,6 +63,11 @@ def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path)
     assert shown == MALLOC_SETTINGS
 
 
+def _glibc_version() -> tuple[int, ...]:
+    library, version = platform.libc_ver()
+    return tuple(int(part) for part in version.split(".")[:2]) if library == "glibc" and version else (0,)
+
+
 def _transparent_huge_pages() -> str:
     try:
         setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
@@ -72,7 +77,7 @@ def _transparent_huge_pages() -> str:
 
 
 @linux_glibc
-@pytest.mark.skipif(tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 35),
+@pytest.mark.skipif(_glibc_version() < (2, 35),
                     reason="glibc.malloc.hugetlb came with glibc 2.35")
 @pytest.mark.skipif(_transparent_huge_pages() != "madvise",
                     reason="huge pages only on request where THP is in madvise mode")

@@ -294,11 +294,11 @@ def _batch_matmul(lhs: jax.Array, rhs: jax.Array, transpose_lhs: bool = False, t
         return amx.matmul(lhs, rhs, transpose_a=transpose_lhs, transpose_b=transpose_rhs)
     if transpose_lhs and jax.default_backend() == "cpu":
         # XLA:CPU's YNNPACK products do not take a contraction over the lhs's rows (Pᵀ dO, dSᵀ Q): XLA runs
-        # those as float32 Eigen dots on converted operands, several times slower per FLOP. (op(rhs)ᵀ lhs)ᵀ is the same
-        # product in the form YNNPACK takes, at the price of two small transposes ([B, K, ·, D]); the barriers
-        # keep XLA's simplifier from folding them back into the product. MiniLM gradient step, 16 pairs × 256,
-        # AMD EPYC Zen 4, old and new side by side: CPU time −5 to −10 %, wall time −4 to −11 % in three of
-        # four A/B runs (+7 % in one, on a noisy host); float32 4.36 → 4.19 s.
+        # those as float32 Eigen dots on converted operands, several times slower per FLOP. (op(rhs)ᵀ lhs)ᵀ
+        # is the same product in the form YNNPACK takes, for two small transposes ([B, K, ·, D]); the
+        # barriers keep XLA's simplifier from folding them back into the product. MiniLM gradient step,
+        # 16 pairs × 256, AMD EPYC Zen 4, old and new side by side: CPU time −5 to −10 %, wall time −4 to
+        # −11 % in three of four A/B runs (+7 % in one, on a noisy host); float32 4.36 → 4.19 s.
         flipped = rhs if transpose_rhs else jax.lax.optimization_barrier(jnp.swapaxes(rhs, 2, 3))
         return jnp.swapaxes(jax.lax.optimization_barrier(_batch_matmul(flipped, lhs)), 2, 3)
     contracting = ((2,) if transpose_lhs else (3,), (3,) if transpose_rhs else (2,))
