@@ -15,6 +15,13 @@ linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platfor
                                  reason="the malloc settings are glibc's")
 
 
+def _untuned_process_environment() -> dict[str, str]:
+    """This process's environment without the malloc settings, their switch or virtual CPU devices: one in which
+    `tuned_environment` tunes, for child processes."""
+    return {k: v for k, v in os.environ.items()
+            if k not in MALLOC_SETTINGS and k not in ("JAXRM_TUNE_MALLOC", "XLA_FLAGS")}
+
+
 @linux_glibc
 def test_tuned_environment_adds_the_settings_and_keeps_the_users():
     environ = tuned_environment({"PATH": "/bin", "MALLOC_ARENA_MAX": "4"})
@@ -53,8 +60,7 @@ def test_reexec_restarts_the_module_with_the_settings_and_the_same_pid(tmp_path)
     )
     script = ("import os, sys; print(os.getpid(), flush=True); from jaxrm.host import reexec; "
               "reexec('show_environment', ['--flag']); print('not restarted')")
-    environ = {k: v for k, v in os.environ.items()
-               if k not in MALLOC_SETTINGS and k not in ("JAXRM_TUNE_MALLOC", "XLA_FLAGS")}
+    environ = _untuned_process_environment()
     environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
     lines = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
                            check=True).stdout.splitlines()
@@ -89,8 +95,7 @@ def test_the_tuned_heap_sits_on_huge_pages():
              "ctypes.memset(libc.malloc(2**28), 1, 2**28); "
              "print(next(int(line.split()[1]) for line in open('/proc/self/smaps_rollup') "
              "if line.startswith('AnonHugePages:')))")
-    plain = {k: v for k, v in os.environ.items()
-             if k not in MALLOC_SETTINGS and k not in ("JAXRM_TUNE_MALLOC", "XLA_FLAGS")}
+    plain = _untuned_process_environment()
 
     def huge_kib(environ):
         return int(subprocess.run([sys.executable, "-c", probe], env=environ, capture_output=True, text=True,
