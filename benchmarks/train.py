@@ -9,8 +9,8 @@ batch of ``batch`` pairs × ``length`` tokens of random ids, every token real:
 
 - compile time (lower + compile) and step time (median / min / max of ``repeats`` after one warm-up);
 - pairs/s and tokens/s;
-- FLOPs of one step from XLA's cost analysis (of the step with XLA's own products: it does not count the
-  AMX kernel's custom calls), the achieved FLOP/s, and its fraction of the peak of a JAX matmul of the
+- FLOPs of one step from XLA's cost analysis (of the step with XLA's own operations: it does not count
+  jaxrm's custom calls), the achieved FLOP/s, and its fraction of the peak of a JAX matmul of the
   model's dominant shape ([B·T, hidden] × [hidden, intermediate], operands in the compute ``--dtype``
   (``auto``, the default, as ``model.dtype: auto`` resolves here: `jaxrm.models.layers.auto_compute_dtype`),
   float32 accumulation) measured in the same process just before: XLA's product, and where the layers use
@@ -185,8 +185,8 @@ def measure(model_name: str, devices: int, batch: int, length: int, repeats: int
                           batch_sharding=batch_sharding(mesh), replicated=replicated(mesh))
     batch_arrays = global_batch(_random_batch(batch, length, spec.vocab_size), mesh)
 
-    # FLOPs from XLA's cost analysis of the step with XLA's own products: it counts no custom call, so the
-    # program that multiplies on AMX tiles (jaxrm.kernels.amx) would show only its non-product FLOPs.
+    # FLOPs from XLA's cost analysis of the step with XLA's own operations: it counts no custom call, so the
+    # program that runs jaxrm's kernels (jaxrm.kernels.amx, .attention) would show fewer FLOPs.
     with amx.xla_products():
         xla_program = jit_train_step(reward_fn, optimizer, config.loss, state_sharding=state_sharding,
                                      batch_sharding=batch_sharding(mesh), replicated=replicated(mesh))

@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -76,27 +75,13 @@ def available() -> bool:
     return True
 
 
-_xla_only = False
-
-
 def enabled() -> bool:
     """Whether jaxrm's layers route their bfloat16 products here now (see the module docstring)."""
-    return not _xla_only and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+    return native.kernels_allowed() and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
-@contextlib.contextmanager
-def xla_products():
-    """Within it, jaxrm's layers trace XLA's own products (for XLA's cost analysis, which counts no custom
-    call, or an A/B). JAX caches traced differentiation rules, so its caches are cleared on entry and exit:
-    what is traced inside is traced anew, and so is what is traced after."""
-    global _xla_only
-    jax.clear_caches()
-    _xla_only = True
-    try:
-        yield
-    finally:
-        _xla_only = False
-        jax.clear_caches()
+xla_products = native.xla_only
+"""Within it, jaxrm's layers trace XLA's own products and attention, not the kernels (`native.xla_only`)."""
 
 
 def takes(*operands: jax.Array) -> bool:

@@ -1,6 +1,7 @@
 """Builds and loads jaxrm's C++ kernels: each ``*.cc`` beside this file is compiled once per machine with the
 system C++ compiler, cached under ``$JAXRM_CACHE_DIR`` (default ``~/.cache/jaxrm``), and its XLA FFI handlers
-registered with JAX's CPU backend.
+registered with JAX's CPU backend. Within `xla_only`, the layers that route work to these kernels trace XLA's own
+operations instead.
 
 Example:
     >>> from jaxrm.kernels import native, pairwise
@@ -11,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -23,7 +25,7 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).parent
-BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread")
+BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-pthread", "-Wno-psabi")
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +72,26 @@ def load(source: str, flags: tuple[str, ...], targets: tuple[str, ...], what: st
     for target in targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return library
+
+
+_xla_only = False
+
+
+def kernels_allowed() -> bool:
+    """False within `xla_only`."""
+    return not _xla_only
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Within it, jaxrm's layers trace XLA's own operations, not the kernels (for XLA's cost analysis, which
+    counts no custom call, or an A/B). JAX caches traced differentiation rules, so its caches are cleared on
+    entry and exit: what is traced inside is traced anew, and so is what is traced after."""
+    global _xla_only
+    jax.clear_caches()
+    _xla_only = True
+    try:
+        yield
+    finally:
+        _xla_only = False
+        jax.clear_caches()

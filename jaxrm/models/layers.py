@@ -18,6 +18,9 @@ On a CPU with AMX tiles and one JAX device, every bfloat16 product here runs on 
 same operands, the same float32 accumulation) instead of XLA's dot, which reaches a fraction of the tile
 unit's rate: the dense layers' three, and attention as one fused kernel (its six products with the softmax
 and its backward between them) when one mask serves every head of a row; elsewhere ``jax.lax.dot_general``.
+In float32 on one CPU device, attention with one mask for every head of a row runs as the same fused kernel
+on the CPU's vector units (`jaxrm.kernels.attention`: XLA runs attention's small batched products at a third
+of its large products' rate).
 
 Attention saves its softmax probabilities P for the backward pass and uses the identity
 rowsum(dP ⊙ P) = rowsum(dO ⊙ O) (Dao et al., 2022), so the backward reads P once and never forms the
@@ -45,6 +48,7 @@ from flax import nnx
 
 from jaxrm import host
 from jaxrm.kernels import amx
+from jaxrm.kernels import attention as attention_kernel
 
 
 def logical_axes(*names: str | None) -> dict:
@@ -278,10 +282,11 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
     scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
     key, value = heads_major(key), heads_major(value)
-    if bias.shape[1] == bias.shape[2] == 1 and amx.takes(scaled, key, value):
-        # One mask for every head of a batch row: fused on the AMX tiles, the bias as [B, T, S].
+    if bias.shape[1] == bias.shape[2] == 1 and (amx.takes(scaled, key, value)
+                                                or attention_kernel.takes(scaled, key, value)):
+        # One mask for every head of a batch row: fused per item (on the AMX tiles in bfloat16), bias [B, T, S].
         bias = jnp.broadcast_to(bias[:, 0, 0], (batch, length, key.shape[2]))
-        out = _amx_attention(scaled, key, value, bias)
+        out = _fused_attention(scaled, key, value, bias)
     else:
         out = _heads_major_attention(scaled, key, value, bias, groups, jnp.dtype(dtype))
     return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(query.shape)
@@ -347,20 +352,26 @@ def _heads_major_attention_backward(groups, dtype, residuals, out_grad):
 _heads_major_attention.defvjp(_heads_major_attention_forward, _heads_major_attention_backward)
 
 
+def _fused_kernel(query):
+    """The fused attention kernel for these operands: AMX tiles for bfloat16, vector units for float32."""
+    return amx if query.dtype == jnp.bfloat16 else attention_kernel
+
+
 @jax.custom_vjp
-def _amx_attention(query, key, value, bias):
-    return amx.attention(query, key, value, bias, probabilities=False)[0]  # not differentiated: P stays in cache
+def _fused_attention(query, key, value, bias):
+    # Not differentiated: P is never written out.
+    return _fused_kernel(query).attention(query, key, value, bias, probabilities=False)[0]
 
 
-def _amx_attention_forward(query, key, value, bias):
-    out, probabilities = amx.attention(query, key, value, bias)
+def _fused_attention_forward(query, key, value, bias):
+    out, probabilities = _fused_kernel(query).attention(query, key, value, bias)
     return out, (query, key, value, probabilities, out)
 
 
-def _amx_attention_backward(residuals, out_grad):
+def _fused_attention_backward(residuals, out_grad):
     query, key, value, probabilities, out = residuals
-    query_grad, key_grad, value_grad = amx.attention_backward(query, key, value, probabilities, out, out_grad)
-    return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
+    grads = _fused_kernel(query).attention_backward(query, key, value, probabilities, out, out_grad)
+    return (*(grad.astype(x.dtype) for grad, x in zip(grads, (query, key, value))), None)
 
 
-_amx_attention.defvjp(_amx_attention_forward, _amx_attention_backward)
+_fused_attention.defvjp(_fused_attention_forward, _fused_attention_backward)

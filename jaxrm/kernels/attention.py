@@ -1,0 +1,159 @@
+"""Softmax attention and its gradients in float32, fused per item, for XLA:CPU.
+
+XLA:CPU (jax 0.10) runs attention's products as batched products of one item (a batch row and a key/value
+head) each, at about a third of the rate of its large products (a MiniLM layer's 256 × 256 × 32 per item:
+~50 GFLOP/s on two AMD EPYC Zen 3 cores, where a dense layer's product reaches ~140), and its softmax and
+backward as separate passes over [B, K, Q, S] float32 tensors. ``attention.cc`` beside this module runs one
+item at a time on one core, its products (register-blocked loops in AVX2 + FMA where the CPU has them, else
+its baseline vectors), float32 softmax and backward back to back, so that the item's scores stay in that
+core's cache:
+
+    S = Q Kᵀ + bias      P = softmax(S) by rows      O = P V
+    dV = Pᵀ dO    dP = dO Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS K    dK = dSᵀ Q
+
+The same contract as the AMX kernel's bfloat16 one (`jaxrm.kernels.amx.attention`), in float32: `attention`
+and `attention_backward`. `jaxrm.models.layers.attention` routes here where `takes` says so: float32
+operands whose key count and head size are multiples of 8, one mask for every head of a batch row, JAX on
+its CPU backend with one device (a custom call carries no sharding rule), unless
+``JAXRM_ATTENTION_KERNEL=0``; elsewhere XLA's own operations stay (also where no C++ compiler is found: one
+warning).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.kernels import attention
+    >>> query, key = jnp.ones((2, 4, 8)), jnp.ones((2, 8, 8))
+    >>> bias = jnp.zeros((1, 4, 8))
+    >>> out, p = attention.attention(query, key, key, bias) if attention.available() else (query, None)
+    >>> out.shape
+    (2, 4, 8)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+from jaxrm import host
+from jaxrm.kernels import native
+
+SOURCE = "attention.cc"
+ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD = (
+    "jaxrm_attention", "jaxrm_attention_inference", "jaxrm_attention_backward")
+LANES = 8
+"""The key count and the head size must be multiples of this (the kernel's vector width)."""
+
+
+def compile_flags(cpu_flags: frozenset[str] | None = None, machine: str | None = None) -> tuple[str, ...]:
+    """The compiler's flags: `native.BASE_FLAGS`, and on an x86-64 CPU with AVX2 and FMA (``cpu_flags``, default
+    `jaxrm.host.cpu_flags`; ``machine``, default `platform.machine`) those instructions. The build is cached per
+    flags, so a machine of another kind builds its own.
+
+    Example:
+        >>> compile_flags(frozenset({"avx2", "fma"}), "x86_64")[-2:], compile_flags(frozenset({"sse2"}), "x86_64")[-1]
+        (('-mavx2', '-mfma'), '-Wno-psabi')
+    """
+    if (machine or platform.machine()) not in ("x86_64", "AMD64"):
+        return native.BASE_FLAGS
+    vector = ("-mavx2", "-mfma") if {"avx2", "fma"} <= (host.cpu_flags() if cpu_flags is None else cpu_flags) else ()
+    return (*native.BASE_FLAGS, *vector)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built, loaded and registered with XLA (tried once per process)."""
+    if os.environ.get("JAXRM_ATTENTION_KERNEL", "1") == "0":
+        return False
+    return native.load(SOURCE, compile_flags(), (ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD),
+                       "The float32 attention kernel") is not None
+
+
+def enabled() -> bool:
+    """Whether jaxrm's layers route float32 attention here now (see the module docstring)."""
+    return native.kernels_allowed() and jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def takes(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
+    """Whether attention over these heads-major operands ([..., Q, D], [..., S, D]) goes here now."""
+    return (query.dtype == key.dtype == value.dtype == jnp.float32 and key.shape[-2] % LANES == 0
+            and key.shape[-1] % LANES == 0 and enabled())
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("The float32 attention kernel is not available here (no C++ compiler, or "
+                           "JAXRM_ATTENTION_KERNEL=0); jaxrm's layers use XLA's operations instead")
+
+
+def _items(x: jax.Array) -> jax.Array:
+    """``x`` [..., M, N] as one batch axis of matrices [I, M, N], as the kernel takes them."""
+    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array, *,
+              probabilities: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """Softmax attention, ``P = softmax(query keyᵀ + bias)`` by rows and ``out = P value``, in float32.
+
+    Shapes: ``query`` [..., Q, D], ``key`` and ``value`` [..., S, D] (the same leading axes: an *item*, e.g. a
+    batch row and a key/value head; S and D multiples of 8); ``bias`` [B, T, S], where the ``B`` bias rows
+    divide the items in order (item ``i`` takes ``bias[i // (items // B)]``) and ``T`` divides ``Q`` (query
+    ``r`` takes bias row ``r mod T``: the heads of a group one after another). Scale ``query`` beforehand.
+    Returns ``out`` [..., Q, D] and ``P`` [..., Q, S] (what `attention_backward` reads; None with
+    ``probabilities=False``, for inference: P is then never written out).
+
+    Raises:
+      RuntimeError: the kernel is not `available` here.
+      ValueError: dtypes or shapes other than those.
+    """
+    _require()
+    items = math.prod(query.shape[:-2])
+    queries, keys = query.shape[-2], key.shape[-2]
+    if not (query.dtype == key.dtype == value.dtype == bias.dtype == jnp.float32) or key.shape != value.shape \
+            or key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1] or bias.ndim != 3 \
+            or bias.shape[2] != keys or items % bias.shape[0] or queries % bias.shape[1] or keys == 0 \
+            or keys % LANES or key.shape[-1] % LANES:
+        raise ValueError(f"attention.attention: query, key, value must be float32 [..., Q, D], [..., S, D], "
+                         f"[..., S, D] with S and D multiples of {LANES}, and bias float32 [B, T, S] with B "
+                         f"dividing the items and T dividing Q; got {query.dtype}{list(query.shape)}, "
+                         f"{key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
+                         f"{bias.dtype}{list(bias.shape)}.")
+    out_shape = jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32)
+    operands = (_items(query), _items(key), _items(value), bias)
+    if not probabilities:
+        return jax.ffi.ffi_call(ATTENTION_INFERENCE, out_shape)(*operands).reshape(query.shape), None
+    weights_shape = jax.ShapeDtypeStruct((items, queries, keys), jnp.float32)
+    out, weights = jax.ffi.ffi_call(ATTENTION, (out_shape, weights_shape))(*operands)
+    return out.reshape(query.shape), weights.reshape(*query.shape[:-1], keys)
+
+
+def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,
+                       out: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients of `attention` with respect to ``query``, ``key`` and ``value``, from its
+    ``probabilities`` P and ``out`` O and the gradient ``out_grad`` dO of its output (all float32):
+
+        dV = Pᵀ dO    dP = dO Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS K    dK = dSᵀ Q
+
+    (the bias gets dS, which nothing here needs).
+
+    Raises:
+      RuntimeError: the kernel is not `available` here.
+      ValueError: shapes or dtypes that do not match `attention`'s.
+    """
+    _require()
+    items = math.prod(query.shape[:-2])
+    operands = (query, key, value, probabilities, out, out_grad)
+    if probabilities.shape != (*query.shape[:-1], key.shape[-2]) or out.shape != query.shape \
+            or out_grad.shape != query.shape or key.shape != value.shape or key.shape[:-2] != query.shape[:-2] \
+            or any(x.dtype != jnp.float32 for x in operands) or key.shape[-2] % LANES or key.shape[-1] % LANES:
+        raise ValueError(f"attention.attention_backward: shapes or dtypes do not match: query "
+                         f"{query.dtype}{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}, "
+                         f"probabilities {probabilities.dtype}{list(probabilities.shape)}, out {list(out.shape)}, "
+                         f"out_grad {out_grad.dtype}{list(out_grad.shape)}.")
+    f32 = lambda x: jax.ShapeDtypeStruct((items, *x.shape[-2:]), jnp.float32)
+    call = jax.ffi.ffi_call(ATTENTION_BACKWARD, (f32(query), f32(key), f32(value)))
+    grads = call(*(_items(x) for x in operands))
+    return tuple(grad.reshape(x.shape) for grad, x in zip(grads, (query, key, value)))
