@@ -12,7 +12,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import transformers
 from flax import nnx
 
 from jaxrm.kernels import amx
@@ -191,18 +190,12 @@ def _gradients(config, input_ids, segment_ids):
 
 @needs_amx
 @pytest.mark.parametrize("family, tolerance", [("bert", 2.5e-3), ("qwen3", 3e-2)])
-def test_reward_model_through_amx_matches_xla_products(family, tolerance, monkeypatch):
+def test_reward_model_through_amx_matches_xla_products(family, tolerance, monkeypatch, tiny_config):
     """The whole packed forward and backward pass (dense layers and attention) with every bfloat16 product on
     AMX tiles gives XLA's bfloat16 results: both multiply the same bfloat16 operands in float32, so they differ
     only where a float32 result rounds to the other side of a bfloat16 value before the next product (up to
     ~1 % through Qwen3's query/key norms; a tenth of that in BERT). Losses agree to float32 rounding."""
-    if family == "bert":
-        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=96, vocab_size=128, max_position_embeddings=64)
-    else:
-        config = transformers.Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=128,
-                                          max_position_embeddings=64)
+    config = tiny_config(family)
     rng = np.random.default_rng(0)
     input_ids = jnp.asarray(rng.integers(2, 128, (2, 40)), jnp.int32)
     segment_ids = jnp.asarray(np.repeat([[1] * 23 + [2] * 12 + [0] * 5, [1] * 40], 1, axis=0), jnp.int32)

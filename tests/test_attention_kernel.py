@@ -13,7 +13,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import transformers
 from flax import nnx
 
 from jaxrm.kernels import amx, attention
@@ -132,16 +131,10 @@ def test_layers_attention_through_the_kernel_matches_xla(heads, kv_heads, head_d
 
 
 @pytest.mark.parametrize("family", ["bert", "qwen3"])
-def test_reward_model_through_the_kernel_matches_xla(family, monkeypatch):
+def test_reward_model_through_the_kernel_matches_xla(family, monkeypatch, tiny_config):
     """The whole packed float32 forward and backward pass of a reward model, its attention through the kernel,
     gives XLA's rewards and parameter gradients (Qwen3: grouped-query heads)."""
-    if family == "bert":
-        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=96, vocab_size=128, max_position_embeddings=64)
-    else:
-        config = transformers.Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, intermediate_size=96, vocab_size=128,
-                                          max_position_embeddings=64)
+    config = tiny_config(family)
     rng = np.random.default_rng(0)
     input_ids = jnp.asarray(rng.integers(2, 128, (2, 40)), jnp.int32)
     segment_ids = jnp.asarray([[1] * 23 + [2] * 12 + [0] * 5, [1] * 40], jnp.int32)
