@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrm import host
+from jaxrm.kernels import attention as fused_attention
 from jaxrm.kernels import native
 
 SOURCE = "amx_matmul.cc"
@@ -110,7 +111,7 @@ def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: b
                          f"with transpose_a={transpose_a}, transpose_b={transpose_b}.")
     batch = a.shape[:-2]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((math.prod(batch), m, n), jnp.float32))
-    product = call(_items(a), _items(b), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+    product = call(native.items(a), native.items(b), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
     return product.reshape(*batch, m, n)
 
 
@@ -118,11 +119,6 @@ def _require(what: str) -> None:
     if not available():
         raise RuntimeError(f"AMX {what}: not available here (no AMX, no C++ compiler, or JAXRM_AMX=0); "
                            "jaxrm's layers use XLA's operations instead")
-
-
-def _items(x: jax.Array) -> jax.Array:
-    """``x`` [..., M, N] as one batch axis of matrices [I, M, N], as the kernels take them."""
-    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
 
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array, *,
@@ -148,13 +144,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
                          f"bias float32 [B, T, S] with B dividing the items and T dividing Q; got {query.dtype}"
                          f"{list(query.shape)}, {key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
                          f"{bias.dtype}{list(bias.shape)}.")
-    out_shape = jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32)
-    operands = (_items(query), _items(key), _items(value), bias)
-    if not probabilities:
-        return jax.ffi.ffi_call(ATTENTION_INFERENCE, out_shape)(*operands).reshape(query.shape), None
-    out, weights = jax.ffi.ffi_call(ATTENTION, (out_shape, jax.ShapeDtypeStruct((items, queries, keys), jnp.bfloat16)))(
-        *operands)
-    return out.reshape(query.shape), weights.reshape(*query.shape[:-1], keys)
+    return fused_attention.forward_call((ATTENTION, ATTENTION_INFERENCE), jnp.bfloat16, query, key, value, bias,
+                                        probabilities)
 
 
 def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,
@@ -168,14 +159,10 @@ def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, proba
     rounded to bfloat16) with float32 accumulation.
     """
     _require("attention")
-    items = math.prod(query.shape[:-2])
     if probabilities.shape != (*query.shape[:-1], key.shape[-2]) or out.shape != query.shape \
             or out_grad.shape != query.shape or probabilities.dtype != jnp.bfloat16:
         raise ValueError(f"amx.attention_backward: shapes do not match: query {list(query.shape)}, key "
                          f"{list(key.shape)}, probabilities {probabilities.dtype}{list(probabilities.shape)}, out "
                          f"{list(out.shape)}, out_grad {list(out_grad.shape)}.")
-    f32 = lambda x: jax.ShapeDtypeStruct((items, *x.shape[-2:]), jnp.float32)
-    call = jax.ffi.ffi_call(ATTENTION_BACKWARD, (f32(query), f32(key), f32(value)))
-    grads = call(_items(query), _items(key), _items(value), _items(probabilities), _items(out.astype(jnp.float32)),
-                 _items(out_grad.astype(jnp.float32)))
-    return tuple(grad.reshape(x.shape) for grad, x in zip(grads, (query, key, value)))
+    return fused_attention.backward_call(ATTENTION_BACKWARD, query, key, value, probabilities,
+                                         out.astype(jnp.float32), out_grad.astype(jnp.float32))

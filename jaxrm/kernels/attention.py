@@ -89,11 +89,6 @@ def _require() -> None:
                            "JAXRM_ATTENTION_KERNEL=0); jaxrm's layers use XLA's operations instead")
 
 
-def _items(x: jax.Array) -> jax.Array:
-    """``x`` [..., M, N] as one batch axis of matrices [I, M, N], as the kernel takes them."""
-    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
-
-
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array, *,
               probabilities: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention, ``P = softmax(query keyᵀ + bias)`` by rows and ``out = P value``, in float32.
@@ -121,12 +116,20 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
                          f"dividing the items and T dividing Q; got {query.dtype}{list(query.shape)}, "
                          f"{key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
                          f"{bias.dtype}{list(bias.shape)}.")
+    return forward_call((ATTENTION, ATTENTION_INFERENCE), jnp.float32, query, key, value, bias, probabilities)
+
+
+def forward_call(targets: tuple[str, str], probabilities_dtype, query: jax.Array, key: jax.Array, value: jax.Array,
+                 bias: jax.Array, probabilities: bool) -> tuple[jax.Array, jax.Array | None]:
+    """The forward custom call of a fused attention kernel (this module's, or `jaxrm.kernels.amx`'s) on checked
+    operands: ``targets`` (with P, without P), P in ``probabilities_dtype``; returns ``out`` and P or None."""
+    items, queries, keys = math.prod(query.shape[:-2]), query.shape[-2], key.shape[-2]
     out_shape = jax.ShapeDtypeStruct((items, queries, query.shape[-1]), jnp.float32)
-    operands = (_items(query), _items(key), _items(value), bias)
+    operands = (native.items(query), native.items(key), native.items(value), bias)
     if not probabilities:
-        return jax.ffi.ffi_call(ATTENTION_INFERENCE, out_shape)(*operands).reshape(query.shape), None
-    weights_shape = jax.ShapeDtypeStruct((items, queries, keys), jnp.float32)
-    out, weights = jax.ffi.ffi_call(ATTENTION, (out_shape, weights_shape))(*operands)
+        return jax.ffi.ffi_call(targets[1], out_shape)(*operands).reshape(query.shape), None
+    weights_shape = jax.ShapeDtypeStruct((items, queries, keys), probabilities_dtype)
+    out, weights = jax.ffi.ffi_call(targets[0], (out_shape, weights_shape))(*operands)
     return out.reshape(query.shape), weights.reshape(*query.shape[:-1], keys)
 
 
@@ -144,7 +147,6 @@ def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, proba
       ValueError: shapes or dtypes that do not match `attention`'s.
     """
     _require()
-    items = math.prod(query.shape[:-2])
     operands = (query, key, value, probabilities, out, out_grad)
     if probabilities.shape != (*query.shape[:-1], key.shape[-2]) or out.shape != query.shape \
             or out_grad.shape != query.shape or key.shape != value.shape or key.shape[:-2] != query.shape[:-2] \
@@ -153,7 +155,13 @@ def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, proba
                          f"{query.dtype}{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}, "
                          f"probabilities {probabilities.dtype}{list(probabilities.shape)}, out {list(out.shape)}, "
                          f"out_grad {out_grad.dtype}{list(out_grad.shape)}.")
-    f32 = lambda x: jax.ShapeDtypeStruct((items, *x.shape[-2:]), jnp.float32)
-    call = jax.ffi.ffi_call(ATTENTION_BACKWARD, (f32(query), f32(key), f32(value)))
-    grads = call(*(_items(x) for x in operands))
+    return backward_call(ATTENTION_BACKWARD, *operands)
+
+
+def backward_call(target: str, query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,
+                  out: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The backward custom call ``target`` of a fused attention kernel on checked operands: float32 dQ, dK, dV."""
+    f32 = lambda x: jax.ShapeDtypeStruct((math.prod(x.shape[:-2]), *x.shape[-2:]), jnp.float32)
+    call = jax.ffi.ffi_call(target, (f32(query), f32(key), f32(value)))
+    grads = call(*map(native.items, (query, key, value, probabilities, out, out_grad)))
     return tuple(grad.reshape(x.shape) for grad, x in zip(grads, (query, key, value)))

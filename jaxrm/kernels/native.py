@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -72,6 +73,11 @@ def load(source: str, flags: tuple[str, ...], targets: tuple[str, ...], what: st
     for target in targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return library
+
+
+def items(x: jax.Array) -> jax.Array:
+    """``x`` [..., M, N] as one batch axis of matrices [I, M, N], as the kernels' batched calls take them."""
+    return x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
 
 
 _xla_only = False
