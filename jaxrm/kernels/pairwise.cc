@@ -14,12 +14,12 @@
 // and log1p(e) = 2 atanh(e / (2 + e)), an odd polynomial whose quotient shares sigma's division.
 //
 // XLA:CPU (jax 0.10) runs the loss and its gradient as five passes over the pairs, with a single-threaded reduction
-// carrying the exp and log1p; here each pair is read once and each output written once, so the call is bound
-// by memory, not arithmetic. The loop is plain C++ written to vectorise: exp is Cephes' single-precision
-// polynomial and atanh a fitted one (relative error <= 3.1e-7 in all); on x86-64 Linux the compiler emits
-// AVX-512, AVX2 and baseline versions of it (target_clones) and the loader picks the widest this CPU runs. On a CPU
-// with AVX-512F the same arithmetic runs from intrinsics instead, which stream large outputs past the cache
-// (BradleyTerryPairs16; JAXRM_LOSS_KERNEL=portable keeps the plain loop).
+// carrying the exp and log1p; here each pair is read once and each output written once. The loops are plain C++
+// written to vectorise: exp is Cephes' single-precision polynomial and atanh a fitted one (relative error
+// <= 2.2e-7 in all); on x86-64 Linux the compiler emits AVX-512, AVX2 and baseline versions of them (target_clones)
+// and the loader picks the widest this CPU runs. They run in two passes over blocks of pairs that stay in L1 (see
+// kBlock), and stream large outputs past the cache. On a CPU with AVX-512F the same formulas run from intrinsics
+// instead (BradleyTerryPairs16; JAXRM_LOSS_KERNEL=portable keeps the plain loops).
 //
 // Work runs on the calling thread and on XLA's intra-op thread pool, in chunks claimed one at a time.
 
@@ -70,19 +70,17 @@ JAXRM_INLINE uint32_t BitsOfFloat(float x) {
 // e^x for -87.3 < x <= 0 (Cephes' expf): x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial in r, times 2^n.
 // n is rounded by adding 1.5 * 2^23, which leaves it in the low bits of t: 2^n's bits are (bits(t) + 127) << 23
 // in unsigned arithmetic (the 1.5 * 2^23 shifts out), with no float-to-int conversion (undefined for NaN in C++).
+// The polynomial is Cephes' p(r) r^2 + r + 1, with p of degree 5 evaluated in Estrin's scheme (three independent
+// pairs of terms, then r^2 and r^4), whose dependency chain is half that of Horner's rule.
 JAXRM_INLINE float ExpNonPositive(float x) {
   const float t = x * 1.44269504088896341f + 12582912.0f;
   const float n = t - 12582912.0f;
   float r = x - n * 0.693359375f;  // ln2 in two parts, the first exact in float32
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  return y * FloatFromBits((BitsOfFloat(t) + 127u) << 23);
+  const float r2 = r * r;
+  const float p = (1.9875691500e-4f * r + 1.3981999507e-3f) * (r2 * r2) +
+                  ((8.3334519073e-3f * r + 4.1665795894e-2f) * r2 + (1.6666665459e-1f * r + 5.0000001201e-1f));
+  return (p * r2 + (r + 1.0f)) * FloatFromBits((BitsOfFloat(t) + 127u) << 23);
 }
 
 // e^-|d|, and 0 where |d| >= 87 (e^-87 is near float32's smallest normal number); NaN for a NaN d, whose
@@ -93,64 +91,119 @@ JAXRM_INLINE float ExpOfMinusAbs(float d) {
 }
 
 // 2 atanh(h / 2) = log((2 + h) / (2 - h)) for 0 <= h <= 2/3: h + h^3 Q(h^2), Q of degree 3 fitted to relative error
-// 4.5e-9 (iteratively reweighted least squares on Chebyshev nodes). With h = 2e / (2 + e), it is log(1 + e) for
-// 0 <= e <= 1, and small e keeps its relative precision (no 1 + e is rounded before the logarithm; and h, unlike
-// e / (2 + e), is a normal number for every e >= e^-87, where XLA's threads flush subnormals to zero).
+// 4.5e-9 (iteratively reweighted least squares on Chebyshev nodes), evaluated in Estrin's scheme. With
+// h = 2e / (2 + e), it is log(1 + e) for 0 <= e <= 1, and small e keeps its relative precision (no 1 + e is
+// rounded before the logarithm; and h, unlike e / (2 + e), is a normal number for every e >= e^-87, where XLA's
+// threads flush subnormals to zero).
 JAXRM_INLINE float TwiceAtanhOfHalf(float h) {
   const float z = h * h;
-  float q = 5.471105e-4f;
-  q = q * z + 2.1876397e-3f;
-  q = q * z + 1.2506728e-2f;
-  q = q * z + 8.333302e-2f;
+  const float q = (5.471105e-4f * z + 2.1876397e-3f) * (z * z) + (1.2506728e-2f * z + 8.333302e-2f);
   return h + h * z * q;
 }
 
-// Pairs [begin, end): the loss and both derivatives. With kOneMargin, margin[0] serves them all.
-//
-// With e = e^-|d| (ExpOfMinusAbs), one division gives both quotients: w = 1 / ((1 + e)(2 + e)),
-// 1 / (1 + e) = (2 + e) w and 2e / (2 + e) = 2e (1 + e) w; then
+// The portable loops run in blocks of kBlock pairs, in two passes through scratch arrays in L1: the differences d
+// and e = e^-|d| first, then the outputs from them. One loop doing both is bound by its dependency chain, about a
+// hundred cycles from the loads to the loss, of which the out-of-order core holds only a few iterations at once:
+// on an AMD EPYC Zen 3 (AVX2, one thread, data in L1) it took 11.0-13.1 ns per eight pairs with the loss and both
+// derivatives, where the two passes take 6.5-8.5 (the loss alone: 7.4-9.4 against 5.4-7.5), and 10^7 pairs in
+// cache on both cores 8.8 against 6.2 ms. Estrin's scheme in both polynomials and two divisions in place of one
+// shared one (each on its own chain) shorten the chain further.
+constexpr int64_t kBlock = 256;
+
+// Pass one: d and e^-|d| of n pairs. With kOneMargin, margin[0] serves them all.
+template <bool kOneMargin>
+JAXRM_VECTOR_CLONES void DifferencesAndExponentials(const float* __restrict chosen, const float* __restrict rejected,
+                                                    const float* __restrict margin, float* __restrict d,
+                                                    float* __restrict e, int64_t n) {
+  const float one_margin = margin[0];
+  for (int64_t i = 0; i < n; ++i) {
+    d[i] = chosen[i] - rejected[i] - (kOneMargin ? one_margin : margin[i]);
+    e[i] = ExpOfMinusAbs(d[i]);
+  }
+}
+
+// Pass two: the loss and both derivatives of n pairs from d and e,
 //   loss = max(-d, 0) + 2 atanh(e / (2 + e)),   sigma(-d) = (d >= 0 ? e : 1) / (1 + e),
 // within 3.1e-7 relative of float64 at every d (a dense sweep over [-100, 100]). Every value is computed for every
 // pair and the conditions are selects between values, which -fno-trapping-math lets the compiler vectorise without
 // masks (masked stores are microcoded on AMD); each select puts NaN on the side a false comparison takes, so a
 // NaN d gives NaN in every output.
-template <bool kOneMargin>
-JAXRM_VECTOR_CLONES void BradleyTerryPairs(const float* __restrict chosen, const float* __restrict rejected,
-                                           const float* __restrict margin, float* __restrict loss,
-                                           float* __restrict d_chosen, float* __restrict d_rejected, int64_t begin,
-                                           int64_t end) {
-  const float one_margin = margin[0];
-  for (int64_t i = begin; i < end; ++i) {
-    const float d = chosen[i] - rejected[i] - (kOneMargin ? one_margin : margin[i]);
-    const float e = ExpOfMinusAbs(d);
-    const float one_plus_e = 1.0f + e, two_plus_e = 2.0f + e;
-    const float w = 1.0f / (one_plus_e * two_plus_e);
-    float reciprocal = two_plus_e * w;                                // 1 / (1 + e) to ~2 ulp, then one Newton
-    reciprocal += reciprocal * (1.0f - one_plus_e * reciprocal);      // step (its residual an exact FMA): 1/2 ulp
-    const float sigma = (d >= 0.0f ? e : 1.0f) * reciprocal;
-    loss[i] = std::max(-d, 0.0f) + TwiceAtanhOfHalf((e + e) * one_plus_e * w);  // std::max(NaN, 0) is NaN
+JAXRM_VECTOR_CLONES void LossAndDerivatives(const float* __restrict d, const float* __restrict e,
+                                            float* __restrict loss, float* __restrict d_chosen,
+                                            float* __restrict d_rejected, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sigma = (d[i] >= 0.0f ? e[i] : 1.0f) / (1.0f + e[i]);
+    loss[i] = std::max(-d[i], 0.0f) + TwiceAtanhOfHalf((e[i] + e[i]) / (2.0f + e[i]));  // std::max(NaN, 0) is NaN
     d_chosen[i] = -sigma;
     d_rejected[i] = sigma;
   }
 }
 
-// Pairs [begin, end): the loss alone, for a forward pass (one quotient, h = 2e / (2 + e), and no sigma).
+// Pass two of a forward pass: the loss alone.
+JAXRM_VECTOR_CLONES void LossOnly(const float* __restrict d, const float* __restrict e, float* __restrict loss,
+                                  int64_t n) {
+  for (int64_t i = 0; i < n; ++i) loss[i] = std::max(-d[i], 0.0f) + TwiceAtanhOfHalf((e[i] + e[i]) / (2.0f + e[i]));
+}
+
+// Copies n floats with non-temporal stores (x86-64's SSE ones, 16-byte aligned, scalar at either end), which write
+// the lines without reading them into the cache first; a plain copy elsewhere.
+void StreamCopy(float* __restrict to, const float* __restrict from, int64_t n) {
+#if defined(__x86_64__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(to + i) & 15); ++i) to[i] = from[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(to + i, _mm_loadu_ps(from + i));
+  for (; i < n; ++i) to[i] = from[i];
+#else
+  std::memcpy(to, from, n * sizeof(float));
+#endif
+}
+
+// Makes streamed stores visible to the thread that sees the chunk done.
+void FenceStreams() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// Pairs [begin, end): the loss and both derivatives, the outputs streamed (through scratch) or stored in place.
 template <bool kOneMargin>
-JAXRM_VECTOR_CLONES void BradleyTerryLossPairs(const float* __restrict chosen, const float* __restrict rejected,
-                                               const float* __restrict margin, float* __restrict loss, int64_t begin,
-                                               int64_t end) {
-  const float one_margin = margin[0];
-  for (int64_t i = begin; i < end; ++i) {
-    const float d = chosen[i] - rejected[i] - (kOneMargin ? one_margin : margin[i]);
-    const float e = ExpOfMinusAbs(d);
-    loss[i] = std::max(-d, 0.0f) + TwiceAtanhOfHalf((e + e) / (2.0f + e));
+void BradleyTerryPairs(const float* chosen, const float* rejected, const float* margin, float* loss, float* d_chosen,
+                       float* d_rejected, int64_t begin, int64_t end, bool stream) {
+  alignas(64) float d[kBlock], e[kBlock], outputs[3][kBlock];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    DifferencesAndExponentials<kOneMargin>(chosen + i, rejected + i, kOneMargin ? margin : margin + i, d, e, n);
+    if (!stream) {
+      LossAndDerivatives(d, e, loss + i, d_chosen + i, d_rejected + i, n);
+      continue;
+    }
+    LossAndDerivatives(d, e, outputs[0], outputs[1], outputs[2], n);
+    StreamCopy(loss + i, outputs[0], n);
+    StreamCopy(d_chosen + i, outputs[1], n);
+    StreamCopy(d_rejected + i, outputs[2], n);
   }
+  if (stream) FenceStreams();
+}
+
+// Pairs [begin, end): the loss alone.
+template <bool kOneMargin>
+void BradleyTerryLossPairs(const float* chosen, const float* rejected, const float* margin, float* loss, int64_t begin,
+                           int64_t end, bool stream) {
+  alignas(64) float d[kBlock], e[kBlock], output[kBlock];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i);
+    DifferencesAndExponentials<kOneMargin>(chosen + i, rejected + i, kOneMargin ? margin : margin + i, d, e, n);
+    LossOnly(d, e, stream ? output : loss + i, n);
+    if (stream) StreamCopy(loss + i, output, n);
+  }
+  if (stream) FenceStreams();
 }
 
 #if defined(__x86_64__)
-// The same arithmetic with AVX-512 intrinsics, sixteen pairs at a time, for one reason: from kStreamPairs on the
-// outputs are written with non-temporal stores, which skip the read-for-ownership of every output line (120 MB at
-// 10^7 pairs) that a plain store costs, and no compiler emits them from plain C++. Measured on an AMD EPYC Zen 4
+// The same formulas with AVX-512 intrinsics, sixteen pairs at a time in one pass (one division shared by the loss and
+// sigma, Horner's rule: the form measured on Zen 4, where sixteen lanes halve the iterations), writing the outputs
+// from kStreamPairs on with non-temporal stores, which skip the read-for-ownership of every output line (120 MB at
+// 10^7 pairs) that a plain store costs. Measured on an AMD EPYC Zen 4
 // (two cores), value_and_grad of the sum: 9.0 -> 7.7 ms at 10^7 pairs, 2.3 -> 1.5 ms at 2 * 10^6; below ~10^6
 // pairs the outputs stay in cache for whatever reads them next, and plain stores are faster (0.67 against 0.77 ms).
 #define JAXRM_AVX512_CODE __attribute__((target("avx512f"), always_inline))
@@ -171,7 +224,7 @@ JAXRM_AVX512 __m512 ExpOfMinusAbs16(__m512 d) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __mmask16 in_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
-  return _mm512_maskz_scalef_ps(in_range, y, n);  // y 2^n, exactly the scalar version's product
+  return _mm512_maskz_scalef_ps(in_range, y, n);  // y 2^n
 }
 
 JAXRM_AVX512 __m512 TwiceAtanhOfHalf16(__m512 h) {
@@ -266,11 +319,16 @@ bool UseAvx512() {
 #endif
 }
 
-constexpr int64_t kStreamPairs = 3 << 19;
+// From this many pairs on the outputs are streamed past the cache; below, they stay in it for whatever reads them
+// next. The AVX-512 loops' threshold was measured on an AMD EPYC Zen 4 (above); the portable loops', on a Zen 3
+// (AVX2, 32 MiB of L3), value_and_grad of the sum: streamed 2.15 against 1.92 ms at 2 * 10^6 pairs (24 MB of
+// outputs, which fit in the L3), even at 4 * 10^6, 6.6-7.0 against 7.9-8.1 ms at 6 * 10^6, 9.7 against 10.1 at 10^7.
+constexpr int64_t kStreamPairs = 3 << 19, kPortableStreamPairs = 1 << 22;
 
-// Whether the AVX-512 loops stream the outputs of count pairs: from kStreamPairs on, with every output at the same
-// offset from a 64-byte boundary (ForEach16 aligns the first and streams all).
-bool Streams(int64_t count, std::initializer_list<const float*> outputs) {
+// Whether the outputs of count pairs are streamed: from the threshold on; on the AVX-512 loops only with every
+// output at the same offset from a 64-byte boundary (ForEach16 aligns the first and streams all).
+bool Streams(int64_t count, bool avx512, std::initializer_list<const float*> outputs) {
+  if (!avx512) return count >= kPortableStreamPairs;
   const uintptr_t offset = reinterpret_cast<uintptr_t>(*outputs.begin()) & 63;
   for (const float* output : outputs)
     if ((reinterpret_cast<uintptr_t>(output) & 63) != offset) return false;
@@ -325,7 +383,7 @@ ffi::Error BradleyTerry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, ffi:
   const float *c = chosen.typed_data(), *r = rejected.typed_data();
   float *loss = loss_buffer->typed_data(), *d_chosen = d_chosen_buffer->typed_data(),
         *d_rejected = d_rejected_buffer->typed_data();
-  const bool avx512 = UseAvx512(), stream = avx512 && Streams(chosen.element_count(), {loss, d_chosen, d_rejected});
+  const bool avx512 = UseAvx512(), stream = Streams(chosen.element_count(), avx512, {loss, d_chosen, d_rejected});
   return ForEachPair("jaxrm_bradley_terry", pool, chosen, rejected, margin,
                      [=](const float* m, int64_t begin, int64_t end, auto one_margin) {
                        constexpr bool kOneMargin = decltype(one_margin)::value;
@@ -333,7 +391,7 @@ ffi::Error BradleyTerry(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, ffi:
                        if (avx512)
                          return BradleyTerryPairs16<kOneMargin>(c, r, m, loss, d_chosen, d_rejected, begin, end, stream);
 #endif
-                       BradleyTerryPairs<kOneMargin>(c, r, m, loss, d_chosen, d_rejected, begin, end);
+                       BradleyTerryPairs<kOneMargin>(c, r, m, loss, d_chosen, d_rejected, begin, end, stream);
                      });
 }
 
@@ -341,14 +399,14 @@ ffi::Error BradleyTerryLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chosen, 
                             ffi::Buffer<ffi::F32> margin, ffi::ResultBuffer<ffi::F32> loss_buffer) {
   const float *c = chosen.typed_data(), *r = rejected.typed_data();
   float* loss = loss_buffer->typed_data();
-  const bool avx512 = UseAvx512(), stream = avx512 && Streams(chosen.element_count(), {loss});
+  const bool avx512 = UseAvx512(), stream = Streams(chosen.element_count(), avx512, {loss});
   return ForEachPair("jaxrm_bradley_terry_loss", pool, chosen, rejected, margin,
                      [=](const float* m, int64_t begin, int64_t end, auto one_margin) {
                        constexpr bool kOneMargin = decltype(one_margin)::value;
 #if defined(__x86_64__)
                        if (avx512) return BradleyTerryLossPairs16<kOneMargin>(c, r, m, loss, begin, end, stream);
 #endif
-                       BradleyTerryLossPairs<kOneMargin>(c, r, m, loss, begin, end);
+                       BradleyTerryLossPairs<kOneMargin>(c, r, m, loss, begin, end, stream);
                      });
 }
 
