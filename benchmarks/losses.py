@@ -17,7 +17,7 @@ every reward array, as in training). Next to them, in the same process:
 
 Effective bytes are what a loss must move at the least: its inputs read once and its outputs (per
 example losses, or the gradients) written once. The fraction of the roofline is effective bytes/s
-divided by the measured bandwidth. Times are median / min / max over ``repeats`` after one warm-up.
+divided by the measured bandwidth. Times are median / min / max over ``repeats`` after `WARMUPS` untimed calls.
 Results go to ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
@@ -59,9 +59,16 @@ class Case:
     effective_bytes: int
 
 
+WARMUPS = 3
+"""Untimed calls before the timed ones: the first compiles, and the next ones' outputs still grow the heap (glibc's,
+tuned by `jaxrm.host` so freed buffers are reused): at 10⁷ pairs the second and third forward + backward calls
+page-faulted 144-206 MB of fresh huge pages and took 125-206 ms, every later one none, at 9-11 ms."""
+
+
 def timings(run: Callable[[], object], repeats: int) -> dict:
-    """Median / min / max seconds of ``run`` (which blocks until its result is ready), after one warm-up."""
-    run()
+    """Median / min / max seconds of ``run`` (which blocks until its result is ready), after `WARMUPS` calls."""
+    for _ in range(WARMUPS):
+        run()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
