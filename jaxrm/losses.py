@@ -592,7 +592,8 @@ def all_pairs(rewards: ArrayLike, ranks: ArrayLike, where: ArrayLike | None = No
 
     Args:
       rewards: ``[..., K]`` float rewards, one list of K responses per leading index.
-      ranks: ``[..., K]`` integer ranks, 0 = best; only their order matters, equal = tie.
+      ranks: ``[..., K]`` integer ranks, 0 = best; only their order matters, equal = tie (their
+        differences are taken in at least int32: ranks within ±2³⁰).
       where: optional ``[..., K]`` boolean mask of the real slots of padded lists. Padded slots
         contribute nothing to the value or the gradient, whatever they hold.
 
@@ -615,13 +616,35 @@ def all_pairs(rewards: ArrayLike, ranks: ArrayLike, where: ArrayLike | None = No
     return _all_pairs(*_listwise(rewards, ranks, where))
 
 
+def _pair_differences(size: int) -> np.ndarray:
+    """The [K, K(K−1)/2] matrix whose column p is e_i − e_j for the p-th slot pair i < j, so that x @ it
+    holds every x_i − x_j."""
+    first, second = np.triu_indices(size, 1)
+    columns = np.arange(first.size)
+    differences = np.zeros((size, first.size), np.int32)
+    differences[first, columns], differences[second, columns] = 1, -1
+    return differences
+
+
 @jax.jit
 def _all_pairs(rewards, ranks, where):
+    # Each unordered pair of slots once, as a product with `_pair_differences`: the reward gaps, the rank
+    # gaps (their sign: which slot is better, 0 a tie) and the count of real slots. Products keep the
+    # pairs on the last axis, where XLA:CPU vectorises the log σ inside the sum over it, and their
+    # gradient is one more product; the [K, K] form's reduction over two small axes ran the
+    # exp and log1p scalar, 7x slower forward at K = 8 (benchmarks/RESULTS.md). The gaps are exact:
+    # the other slots enter with weight 0 (padded ones are 0 by then), ±1 r rounds as r_i − r_j does.
     rewards, where = _real_slots(rewards, where)
-    pairs = (ranks[..., :, None] < ranks[..., None, :]) & where[..., :, None] & where[..., None, :]
-    pair_losses = -_log_sigmoid(rewards[..., :, None] - rewards[..., None, :])
-    total = jnp.sum(jnp.where(pairs, pair_losses, 0.0), axis=(-2, -1))
-    count = jnp.sum(pairs, axis=(-2, -1))
+    differences = _pair_differences(rewards.shape[-1])
+    ranks = ranks.astype(jnp.promote_types(ranks.dtype, jnp.int32))
+    gaps = jnp.tensordot(rewards, jnp.asarray(differences, rewards.dtype), axes=1,
+                         precision=jax.lax.Precision.HIGHEST)
+    rank_gaps = jnp.tensordot(ranks, jnp.asarray(differences, ranks.dtype), axes=1)
+    both_real = jnp.tensordot(where.astype(jnp.int32), jnp.asarray(np.abs(differences)), axes=1) == 2
+    pairs = both_real & (rank_gaps != 0)
+    pair_losses = -_log_sigmoid(jnp.where(rank_gaps < 0, gaps, -gaps))  # the better slot's reward first
+    total = jnp.sum(jnp.where(pairs, pair_losses, 0.0), axis=-1)
+    count = jnp.sum(pairs, axis=-1)
     return _float32(total / jnp.maximum(count, 1).astype(total.dtype))
 
 
