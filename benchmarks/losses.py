@@ -62,7 +62,8 @@ class Case:
 WARMUPS = 3
 """Untimed calls before the timed ones: the first compiles, and the next ones' outputs still grow the heap (glibc's,
 tuned by `jaxrm.host` so freed buffers are reused): at 10⁷ pairs the second and third forward + backward calls
-page-faulted 144-206 MB of fresh huge pages and took 125-206 ms, every later one none, at 9-11 ms."""
+page-faulted 144-206 MB of fresh huge pages and took 125-206 ms, the eight after them none, at 9-11 ms. (Slow
+outliers of 100-260 ms still turn up in some runs on a noisy host; the median is what the floors read.)"""
 
 
 def timings(run: Callable[[], object], repeats: int) -> dict:

@@ -11,7 +11,8 @@
 //   loss       = max(-d, 0) + log1p(e)                    (no overflow for any d)
 //   sigma(-d)  = d >= 0 ? e / (1 + e) : 1 / (1 + e)       (both branches give 1/2 at d = 0)
 //
-// and log1p(e) = 2 atanh(e / (2 + e)), an odd polynomial whose quotient shares sigma's division.
+// and log1p(e) = 2 atanh(e / (2 + e)), an odd polynomial (the AVX-512 loop shares its quotient's division with
+// sigma's).
 //
 // XLA:CPU (jax 0.10) runs the loss and its gradient as five passes over the pairs, with a single-threaded reduction
 // carrying the exp and log1p; here each pair is read once and each output written once. The loops are plain C++
@@ -124,7 +125,7 @@ JAXRM_VECTOR_CLONES void DifferencesAndExponentials(const float* __restrict chos
 
 // Pass two: the loss and both derivatives of n pairs from d and e,
 //   loss = max(-d, 0) + 2 atanh(e / (2 + e)),   sigma(-d) = (d >= 0 ? e : 1) / (1 + e),
-// within 3.1e-7 relative of float64 at every d (a dense sweep over [-100, 100]). Every value is computed for every
+// within 2.2e-7 relative of float64 at every d (a dense sweep over [-100, 100]). Every value is computed for every
 // pair and the conditions are selects between values, which -fno-trapping-math lets the compiler vectorise without
 // masks (masked stores are microcoded on AMD); each select puts NaN on the side a false comparison takes, so a
 // NaN d gives NaN in every output.
@@ -322,7 +323,8 @@ bool UseAvx512() {
 // From this many pairs on the outputs are streamed past the cache; below, they stay in it for whatever reads them
 // next. The AVX-512 loops' threshold was measured on an AMD EPYC Zen 4 (above); the portable loops', on a Zen 3
 // (AVX2, 32 MiB of L3), value_and_grad of the sum: streamed 2.15 against 1.92 ms at 2 * 10^6 pairs (24 MB of
-// outputs, which fit in the L3), even at 4 * 10^6, 6.6-7.0 against 7.9-8.1 ms at 6 * 10^6, 9.7 against 10.1 at 10^7.
+// outputs, which fit in the L3), no clear difference at 4 * 10^6, 6.6-7.0 against 7.9-8.1 ms at 6 * 10^6, 9.7
+// against 10.1 at 10^7.
 constexpr int64_t kStreamPairs = 3 << 19, kPortableStreamPairs = 1 << 22;
 
 // Whether the outputs of count pairs are streamed: from the threshold on; on the AVX-512 loops only with every
