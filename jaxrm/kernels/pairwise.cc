@@ -25,6 +25,7 @@
 // Work runs on the calling thread and on XLA's intra-op thread pool, in chunks claimed one at a time.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -129,12 +130,16 @@ JAXRM_VECTOR_CLONES void DifferencesAndExponentials(const float* __restrict chos
 // pair and the conditions are selects between values, which -fno-trapping-math lets the compiler vectorise without
 // masks (masked stores are microcoded on AMD); each select puts NaN on the side a false comparison takes, so a
 // NaN d gives NaN in every output.
+JAXRM_INLINE float LossFrom(float d, float e) {
+  return std::max(-d, 0.0f) + TwiceAtanhOfHalf((e + e) / (2.0f + e));  // std::max(NaN, 0) is NaN
+}
+
 JAXRM_VECTOR_CLONES void LossAndDerivatives(const float* __restrict d, const float* __restrict e,
                                             float* __restrict loss, float* __restrict d_chosen,
                                             float* __restrict d_rejected, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float sigma = (d[i] >= 0.0f ? e[i] : 1.0f) / (1.0f + e[i]);
-    loss[i] = std::max(-d[i], 0.0f) + TwiceAtanhOfHalf((e[i] + e[i]) / (2.0f + e[i]));  // std::max(NaN, 0) is NaN
+    loss[i] = LossFrom(d[i], e[i]);
     d_chosen[i] = -sigma;
     d_rejected[i] = sigma;
   }
@@ -143,7 +148,7 @@ JAXRM_VECTOR_CLONES void LossAndDerivatives(const float* __restrict d, const flo
 // Pass two of a forward pass: the loss alone.
 JAXRM_VECTOR_CLONES void LossOnly(const float* __restrict d, const float* __restrict e, float* __restrict loss,
                                   int64_t n) {
-  for (int64_t i = 0; i < n; ++i) loss[i] = std::max(-d[i], 0.0f) + TwiceAtanhOfHalf((e[i] + e[i]) / (2.0f + e[i]));
+  for (int64_t i = 0; i < n; ++i) loss[i] = LossFrom(d[i], e[i]);
 }
 
 // Copies n floats with non-temporal stores (x86-64's SSE ones, 16-byte aligned, scalar at either end), which write
@@ -166,38 +171,43 @@ void FenceStreams() {
 #endif
 }
 
-// Pairs [begin, end): the loss and both derivatives, the outputs streamed (through scratch) or stored in place.
-template <bool kOneMargin>
-void BradleyTerryPairs(const float* chosen, const float* rejected, const float* margin, float* loss, float* d_chosen,
-                       float* d_rejected, int64_t begin, int64_t end, bool stream) {
-  alignas(64) float d[kBlock], e[kBlock], outputs[3][kBlock];
+// Pairs [begin, end) in blocks of kBlock: pass one into scratch, then pass_two(d, e, to, n) writing the kOutputs
+// outputs' block to `to`: the outputs themselves, or scratch streamed out to them after it.
+template <bool kOneMargin, size_t kOutputs, typename PassTwo>
+void ForEachBlock(const float* chosen, const float* rejected, const float* margin,
+                  const std::array<float*, kOutputs>& outputs, int64_t begin, int64_t end, bool stream,
+                  PassTwo pass_two) {
+  alignas(64) float d[kBlock], e[kBlock], scratch[kOutputs][kBlock];
   for (int64_t i = begin; i < end; i += kBlock) {
     const int64_t n = std::min(kBlock, end - i);
     DifferencesAndExponentials<kOneMargin>(chosen + i, rejected + i, kOneMargin ? margin : margin + i, d, e, n);
-    if (!stream) {
-      LossAndDerivatives(d, e, loss + i, d_chosen + i, d_rejected + i, n);
-      continue;
-    }
-    LossAndDerivatives(d, e, outputs[0], outputs[1], outputs[2], n);
-    StreamCopy(loss + i, outputs[0], n);
-    StreamCopy(d_chosen + i, outputs[1], n);
-    StreamCopy(d_rejected + i, outputs[2], n);
+    std::array<float*, kOutputs> to;
+    for (size_t k = 0; k < kOutputs; ++k) to[k] = stream ? scratch[k] : outputs[k] + i;
+    pass_two(d, e, to, n);
+    if (stream)
+      for (size_t k = 0; k < kOutputs; ++k) StreamCopy(outputs[k] + i, scratch[k], n);
   }
   if (stream) FenceStreams();
+}
+
+// Pairs [begin, end): the loss and both derivatives.
+template <bool kOneMargin>
+void BradleyTerryPairs(const float* chosen, const float* rejected, const float* margin, float* loss, float* d_chosen,
+                       float* d_rejected, int64_t begin, int64_t end, bool stream) {
+  ForEachBlock<kOneMargin, 3>(chosen, rejected, margin, {loss, d_chosen, d_rejected}, begin, end, stream,
+                              [](const float* d, const float* e, const std::array<float*, 3>& to, int64_t n) {
+                                LossAndDerivatives(d, e, to[0], to[1], to[2], n);
+                              });
 }
 
 // Pairs [begin, end): the loss alone.
 template <bool kOneMargin>
 void BradleyTerryLossPairs(const float* chosen, const float* rejected, const float* margin, float* loss, int64_t begin,
                            int64_t end, bool stream) {
-  alignas(64) float d[kBlock], e[kBlock], output[kBlock];
-  for (int64_t i = begin; i < end; i += kBlock) {
-    const int64_t n = std::min(kBlock, end - i);
-    DifferencesAndExponentials<kOneMargin>(chosen + i, rejected + i, kOneMargin ? margin : margin + i, d, e, n);
-    LossOnly(d, e, stream ? output : loss + i, n);
-    if (stream) StreamCopy(loss + i, output, n);
-  }
-  if (stream) FenceStreams();
+  ForEachBlock<kOneMargin, 1>(chosen, rejected, margin, {loss}, begin, end, stream,
+                              [](const float* d, const float* e, const std::array<float*, 1>& to, int64_t n) {
+                                LossOnly(d, e, to[0], n);
+                              });
 }
 
 #if defined(__x86_64__)
