@@ -161,13 +161,49 @@ def test_reward_model_through_the_kernel_matches_xla(family, monkeypatch, tiny_c
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_bfloat16_attention_runs_the_float32_kernel_on_widened_operands(monkeypatch):
+    """Without AMX, bfloat16 attention goes through the float32 kernel on the widened operands: on inputs that
+    bfloat16 holds exactly (and a power-of-two scale) its output is the float32 kernel's bit for bit, and its
+    gradients are the float32 kernel's rounded to bfloat16 (the gradient of the layer's cast); against XLA's own
+    bfloat16 path, which rounds P and dS to bfloat16, they agree to bfloat16's precision."""
+    rng = np.random.default_rng(1)
+    batch, length, heads, head_dim = 2, 24, 4, 8
+    operands = [jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.bfloat16).astype(jnp.float32)
+                for _ in range(3)]
+    weights = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
+    mask = layers.segment_mask(*(jnp.asarray([[1] * 16 + [2] * 6 + [0] * 2] * batch, jnp.int32),) * 2)
+    monkeypatch.setattr(amx, "enabled", lambda: False)
+
+    def run(dtype, use_kernel):
+        monkeypatch.setattr(attention, "enabled", lambda: use_kernel)
+        jax.clear_caches()
+        loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, scale=0.25, dtype=dtype) * weights)
+        step = jax.jit(jax.value_and_grad(lambda *x: (loss(*x), layers.attention(*x, mask, scale=0.25, dtype=dtype)),
+                                          argnums=(0, 1, 2), has_aux=True))
+        assert (attention.ATTENTION in step.lower(*operands).as_text()) == use_kernel
+        (_, out), grads = step(*operands)
+        return np.asarray(out), [np.asarray(g) for g in grads]
+
+    out, grads = run(jnp.bfloat16, True)
+    f32_out, f32_grads = run(jnp.float32, True)
+    xla_out, xla_grads = run(jnp.bfloat16, False)
+    jax.clear_caches()
+    np.testing.assert_array_equal(out, f32_out)
+    for ours, want, xla in zip(grads, f32_grads, xla_grads):
+        np.testing.assert_array_equal(ours, np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32)))
+        np.testing.assert_allclose(ours, xla, atol=2e-2 * float(np.abs(xla).max()))
+    np.testing.assert_allclose(out, xla_out, atol=2e-2 * float(np.abs(xla_out).max()))
+
+
 def test_takes_float32_with_lane_multiples_on_one_device(monkeypatch):
     """The test session has 8 virtual devices: a custom call has no sharding rule, so XLA's operations stay."""
     ones = lambda *shape, dtype=jnp.float32: jnp.ones(shape, dtype)
     assert jax.device_count() == 8 and not attention.enabled()
     monkeypatch.setattr(attention, "enabled", lambda: True)
     assert attention.takes(ones(2, 3, 16, 8), ones(2, 3, 24, 8), ones(2, 3, 24, 8))
-    assert not attention.takes(ones(2, 3, 16, 8, dtype=jnp.bfloat16), *(ones(2, 3, 24, 8, dtype=jnp.bfloat16),) * 2)
+    assert attention.takes(ones(2, 3, 16, 8, dtype=jnp.bfloat16), *(ones(2, 3, 24, 8, dtype=jnp.bfloat16),) * 2)
+    assert not attention.takes(ones(2, 3, 16, 8, dtype=jnp.bfloat16), *(ones(2, 3, 24, 8),) * 2)  # mixed
+    assert not attention.takes(*(ones(2, 3, 24, 8, dtype=jnp.float16),) * 3)
     assert not attention.takes(ones(2, 3, 16, 8), ones(2, 3, 20, 8), ones(2, 3, 20, 8))  # 20 keys
     assert not attention.takes(ones(2, 3, 16, 12), ones(2, 3, 24, 12), ones(2, 3, 24, 12))  # head size 12
 

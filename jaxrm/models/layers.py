@@ -18,9 +18,9 @@ On a CPU with AMX tiles and one JAX device, every bfloat16 product here runs on 
 same operands, the same float32 accumulation) instead of XLA's dot, which reaches a fraction of the tile
 unit's rate: the dense layers' three, and attention as one fused kernel (its six products with the softmax
 and its backward between them) when one mask serves every head of a row; elsewhere ``jax.lax.dot_general``.
-In float32 on one CPU device, attention with one mask for every head of a row runs as the same fused kernel
-on the CPU's vector units (`jaxrm.kernels.attention`: XLA runs attention's small batched products at a third
-of its large products' rate).
+Elsewhere on one CPU device, attention with one mask for every head of a row runs as the same fused kernel
+on the CPU's vector units in float32, bfloat16 operands widened (`jaxrm.kernels.attention`: XLA runs
+attention's small batched products at a third of its large products' rate, bfloat16 or not).
 
 Attention saves its softmax probabilities P for the backward pass and uses the identity
 rowsum(dP ⊙ P) = rowsum(dO ⊙ O) (Dao et al., 2022), so the backward reads P once and never forms the
@@ -282,10 +282,13 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
     scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
     key, value = heads_major(key), heads_major(value)
-    if bias.shape[1] == bias.shape[2] == 1 and (amx.takes(scaled, key, value)
-                                                or attention_kernel.takes(scaled, key, value)):
-        # One mask for every head of a batch row: fused per item (on the AMX tiles in bfloat16), bias [B, T, S].
+    one_mask = bias.shape[1] == bias.shape[2] == 1
+    if one_mask and (amx.takes(scaled, key, value) or attention_kernel.takes(scaled, key, value)):
+        # One mask for every head of a batch row: fused per item, bias [B, T, S]; on the AMX tiles in bfloat16,
+        # else on the vector units in float32 (bfloat16 operands widened: faster than XLA's bfloat16 path).
         bias = jnp.broadcast_to(bias[:, 0, 0], (batch, length, key.shape[2]))
+        if not amx.takes(scaled, key, value):
+            scaled, key, value = (x.astype(jnp.float32) for x in (scaled, key, value))
         out = _fused_attention(scaled, key, value, bias)
     else:
         out = _heads_major_attention(scaled, key, value, bias, groups, jnp.dtype(dtype))
