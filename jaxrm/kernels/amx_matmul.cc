@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "avx512.h"
 
 namespace ffi = xla::ffi;
 
@@ -484,65 +485,6 @@ void ForEachItem(ffi::ThreadPool& pool, int64_t count, Item item) {
   while (progress->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-// e^x for x <= 0 (Cephes' expf polynomial after reducing by ln 2; relative error ~1e-7), exactly 0 below -87.
-inline __m512 ExpNonPositive(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
-}
-
-// float32 -> bfloat16, rounding to nearest even (as XLA's convert), for the lanes in `lanes`.
-inline void StoreBF16(uint16_t* out, __m512 x, __mmask16 lanes) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_mask_storeu_epi16(out, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
-
-inline __m512 LoadBF16(const uint16_t* in, __mmask16 lanes) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, in));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-inline __mmask16 Lanes(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
-// p = softmax(s + bias) over n values, in bfloat16; s is overwritten.
-void SoftmaxRow(float* s, const float* bias, int64_t n, uint16_t* p) {
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = Lanes(n - j);
-    const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, s + j), _mm512_maskz_loadu_ps(lanes, bias + j));
-    _mm512_mask_storeu_ps(s + j, lanes, x);
-    top = _mm512_mask_max_ps(top, lanes, top, x);
-  }
-  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = Lanes(n - j);
-    const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), row_max));
-    _mm512_mask_storeu_ps(s + j, lanes, e);
-    total = _mm512_mask_add_ps(total, lanes, total, e);
-  }
-  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = Lanes(n - j);
-    StoreBF16(p + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + j), inverse), lanes);
-  }
-}
-
 struct AttentionShape {
   int64_t items, queries, keys, depth, positions, items_per_bias;  // I, Qn, S, D, T, I / (bias rows)
 };
@@ -553,7 +495,8 @@ void AttentionForwardItem(const AttentionShape& shape, const uint16_t* q, const 
   ItemScratch& scratch = item_scratch;
   float* scores = scratch.Scores(qn * s);
   scratch.Multiply(Product(q, k, scores, qn, s, d, false, true));  // Q K^T
-  for (int64_t r = 0; r < qn; ++r) SoftmaxRow(scores + r * s, bias + (r % shape.positions) * s, s, p + r * s);
+  for (int64_t r = 0; r < qn; ++r)
+    avx512::SoftmaxRow(scores + r * s, bias + (r % shape.positions) * s, s, p + r * s);
   scratch.Multiply(Product(p, v, o, qn, d, s, false, false));  // P V
 }
 
@@ -566,26 +509,10 @@ void AttentionBackwardItem(const AttentionShape& shape, const uint16_t* q, const
   float* dp = row_dot + qn;
   uint16_t* dout = scratch.Values(qn * d + qn * s);  // dO, then dS, in bfloat16
   uint16_t* ds = dout + qn * d;
-  for (int64_t r = 0; r < qn; ++r) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < d; j += 16) {
-      const __mmask16 lanes = Lanes(d - j);
-      const __m512 g = _mm512_maskz_loadu_ps(lanes, out_grad + r * d + j);
-      sum = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(lanes, o + r * d + j), sum);
-      StoreBF16(dout + r * d + j, g, lanes);
-    }
-    row_dot[r] = _mm512_reduce_add_ps(sum);
-  }
+  avx512::OutGradRows(out_grad, o, qn, d, dout, row_dot);
   scratch.Multiply(Product(p, dout, dv, s, d, qn, true, false));   // dV = P^T dO
   scratch.Multiply(Product(dout, v, dp, qn, s, d, false, true));   // dP = dO V^T
-  for (int64_t r = 0; r < qn; ++r) {
-    const __m512 dot = _mm512_set1_ps(row_dot[r]);
-    for (int64_t j = 0; j < s; j += 16) {
-      const __mmask16 lanes = Lanes(s - j);
-      const __m512 grad = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + r * s + j), dot);
-      StoreBF16(ds + r * s + j, _mm512_mul_ps(LoadBF16(p + r * s + j, lanes), grad), lanes);
-    }
-  }
+  avx512::ScoreGradRows(p, dp, row_dot, qn, s, ds);
   scratch.Multiply(Product(ds, k, dq, qn, d, s, false, false));  // dQ = dS K
   scratch.Multiply(Product(ds, q, dk, s, d, qn, true, false));   // dK = dS^T Q
 }

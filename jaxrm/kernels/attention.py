@@ -49,22 +49,33 @@ from jaxrm.kernels import native
 SOURCE = "attention.cc"
 ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD = (
     "jaxrm_attention", "jaxrm_attention_inference", "jaxrm_attention_backward")
+ATTENTION_BF16, ATTENTION_BF16_INFERENCE, ATTENTION_BF16_BACKWARD = (
+    "jaxrm_attention_bf16", "jaxrm_attention_bf16_inference", "jaxrm_attention_bf16_backward")
 LANES = 8
-"""The key count and the head size must be multiples of this (the kernel's vector width)."""
+"""The key count and the head size must be multiples of this (the float32 kernel's vector width)."""
+BF16_LANES = 16
+"""The bfloat16 kernel's: its key count and head size must be multiples of this, its query count even."""
+AVX512_BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 
 
 def compile_flags(cpu_flags: frozenset[str] | None = None, machine: str | None = None) -> tuple[str, ...]:
-    """The compiler's flags: `native.BASE_FLAGS`, and on an x86-64 CPU with AVX2 and FMA (``cpu_flags``, default
-    `jaxrm.host.cpu_flags`; ``machine``, default `platform.machine`) those instructions. The build is cached per
-    flags, so a machine of another kind builds its own.
+    """The compiler's flags: `native.BASE_FLAGS`, and on an x86-64 CPU (``machine``, default `platform.machine`)
+    AVX2 and FMA where its flags (``cpu_flags``, default `jaxrm.host.cpu_flags`) have them, and AVX512-BF16 (which
+    builds the bfloat16 kernel) where they have `AVX512_BF16_FLAGS`. The build is cached per flags, so a machine
+    of another kind builds its own.
 
     Example:
         >>> compile_flags(frozenset({"avx2", "fma"}), "x86_64")[-2:], compile_flags(frozenset({"sse2"}), "x86_64")[-1]
         (('-mavx2', '-mfma'), '-Wno-psabi')
+        >>> compile_flags(frozenset({"avx2", "fma"}) | AVX512_BF16_FLAGS, "x86_64")[-1]
+        '-mavx512bf16'
     """
     if (machine or platform.machine()) not in ("x86_64", "AMD64"):
         return native.BASE_FLAGS
-    vector = ("-mavx2", "-mfma") if {"avx2", "fma"} <= (host.cpu_flags() if cpu_flags is None else cpu_flags) else ()
+    flags = host.cpu_flags() if cpu_flags is None else cpu_flags
+    vector = ("-mavx2", "-mfma") if {"avx2", "fma"} <= flags else ()
+    if AVX512_BF16_FLAGS <= flags:
+        vector += ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
     return (*native.BASE_FLAGS, *vector)
 
 
@@ -73,8 +84,21 @@ def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA (tried once per process)."""
     if os.environ.get("JAXRM_ATTENTION_KERNEL", "1") == "0":
         return False
-    return native.load(SOURCE, compile_flags(), (ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD),
-                       "The float32 attention kernel") is not None
+    targets = (ATTENTION, ATTENTION_INFERENCE, ATTENTION_BACKWARD)
+    if bfloat16_built():
+        targets += (ATTENTION_BF16, ATTENTION_BF16_INFERENCE, ATTENTION_BF16_BACKWARD)
+    return native.load(SOURCE, compile_flags(), targets, "The fused attention kernel") is not None
+
+
+def bfloat16_built() -> bool:
+    """Whether this machine's build has the bfloat16 kernel (AVX512-BF16); `available` says whether it loaded."""
+    return "-mavx512bf16" in compile_flags()
+
+
+def bfloat16_takes(query: jax.Array, key: jax.Array) -> bool:
+    """Whether the bfloat16 kernel takes bfloat16 operands of these shapes (else they are widened to float32)."""
+    return (bfloat16_built() and available() and key.shape[-2] % BF16_LANES == 0
+            and key.shape[-1] % BF16_LANES == 0 and query.shape[-2] % 2 == 0)
 
 
 def enabled() -> bool:
@@ -97,14 +121,16 @@ def _require() -> None:
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array, *,
               probabilities: bool = True) -> tuple[jax.Array, jax.Array | None]:
-    """Softmax attention, ``P = softmax(query keyᵀ + bias)`` by rows and ``out = P value``, in float32.
+    """Softmax attention, ``P = softmax(query keyᵀ + bias)`` by rows and ``out = P value``.
 
     Shapes: ``query`` [..., Q, D], ``key`` and ``value`` [..., S, D] (the same leading axes: an *item*, e.g. a
-    batch row and a key/value head; S and D multiples of 8); ``bias`` [B, T, S], where the ``B`` bias rows
-    divide the items in order (item ``i`` takes ``bias[i // (items // B)]``) and ``T`` divides ``Q`` (query
-    ``r`` takes bias row ``r mod T``: the heads of a group one after another). Scale ``query`` beforehand.
-    Returns ``out`` [..., Q, D] and ``P`` [..., Q, S] (what `attention_backward` reads; None with
-    ``probabilities=False``, for inference: P is then never written out).
+    batch row and a key/value head; S and D multiples of 8), all float32 or all bfloat16; ``bias`` float32
+    [B, T, S], where the ``B`` bias rows divide the items in order (item ``i`` takes ``bias[i // (items // B)]``)
+    and ``T`` divides ``Q`` (query ``r`` takes bias row ``r mod T``: the heads of a group one after another).
+    Scale ``query`` beforehand. Returns ``out`` float32 [..., Q, D] and ``P`` [..., Q, S] (what
+    `attention_backward` reads; None with ``probabilities=False``, for inference: P is then never written out).
+    P is bfloat16 where the bfloat16 kernel ran (`bfloat16_takes`: its products read P in bfloat16), else float32
+    (bfloat16 operands widened).
 
     Raises:
       RuntimeError: the kernel is not `available` here.
@@ -113,15 +139,20 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
     _require()
     items = math.prod(query.shape[:-2])
     queries, keys = query.shape[-2], key.shape[-2]
-    if not (query.dtype == key.dtype == value.dtype == bias.dtype == jnp.float32) or key.shape != value.shape \
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in (jnp.float32, jnp.bfloat16)
+            and bias.dtype == jnp.float32) or key.shape != value.shape \
             or key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1] or bias.ndim != 3 \
             or bias.shape[2] != keys or items % bias.shape[0] or queries % bias.shape[1] or keys == 0 \
             or keys % LANES or key.shape[-1] % LANES:
-        raise ValueError(f"attention.attention: query, key, value must be float32 [..., Q, D], [..., S, D], "
-                         f"[..., S, D] with S and D multiples of {LANES}, and bias float32 [B, T, S] with B "
-                         f"dividing the items and T dividing Q; got {query.dtype}{list(query.shape)}, "
+        raise ValueError(f"attention.attention: query, key, value must be float32 or bfloat16 [..., Q, D], "
+                         f"[..., S, D], [..., S, D] with S and D multiples of {LANES}, and bias float32 [B, T, S] "
+                         f"with B dividing the items and T dividing Q; got {query.dtype}{list(query.shape)}, "
                          f"{key.dtype}{list(key.shape)}, {value.dtype}{list(value.shape)}, "
                          f"{bias.dtype}{list(bias.shape)}.")
+    if query.dtype == jnp.bfloat16 and bfloat16_takes(query, key):
+        return forward_call((ATTENTION_BF16, ATTENTION_BF16_INFERENCE), jnp.bfloat16, query, key, value, bias,
+                            probabilities)
+    query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
     return forward_call((ATTENTION, ATTENTION_INFERENCE), jnp.float32, query, key, value, bias, probabilities)
 
 
@@ -141,12 +172,14 @@ def forward_call(targets: tuple[str, str], probabilities_dtype, query: jax.Array
 
 def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,
                        out: jax.Array, out_grad: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The gradients of `attention` with respect to ``query``, ``key`` and ``value``, from its
-    ``probabilities`` P and ``out`` O and the gradient ``out_grad`` dO of its output (all float32):
+    """The gradients of `attention` with respect to ``query``, ``key`` and ``value`` (float32), from its
+    ``probabilities`` P and ``out`` O and the gradient ``out_grad`` dO of its output (float32):
 
         dV = Pᵀ dO    dP = dO Vᵀ    dS = P ⊙ (dP − rowsum(dO ⊙ O))    dQ = dS K    dK = dSᵀ Q
 
-    (the bias gets dS, which nothing here needs).
+    (the bias gets dS, which nothing here needs). A bfloat16 P is the bfloat16 kernel's: its products then
+    multiply bfloat16 operands (dO and dS rounded to bfloat16) with float32 accumulation; a float32 P the
+    float32 kernel's (bfloat16 ``query``, ``key``, ``value`` widened).
 
     Raises:
       RuntimeError: the kernel is not `available` here.
@@ -154,14 +187,20 @@ def attention_backward(query: jax.Array, key: jax.Array, value: jax.Array, proba
     """
     _require()
     operands = (query, key, value, probabilities, out, out_grad)
+    bfloat16 = probabilities.dtype == jnp.bfloat16
     if probabilities.shape != (*query.shape[:-1], key.shape[-2]) or out.shape != query.shape \
             or out_grad.shape != query.shape or key.shape != value.shape or key.shape[:-2] != query.shape[:-2] \
-            or any(x.dtype != jnp.float32 for x in operands) or key.shape[-2] % LANES or key.shape[-1] % LANES:
+            or out.dtype != jnp.float32 or out_grad.dtype != jnp.float32 \
+            or any(x.dtype != (jnp.bfloat16 if bfloat16 else x.dtype) for x in operands[:3]) \
+            or any(x.dtype not in (jnp.float32, jnp.bfloat16) for x in operands[:4]) \
+            or key.shape[-2] % LANES or key.shape[-1] % LANES or (bfloat16 and not bfloat16_takes(query, key)):
         raise ValueError(f"attention.attention_backward: shapes or dtypes do not match: query "
                          f"{query.dtype}{list(query.shape)}, key {list(key.shape)}, value {list(value.shape)}, "
-                         f"probabilities {probabilities.dtype}{list(probabilities.shape)}, out {list(out.shape)}, "
-                         f"out_grad {out_grad.dtype}{list(out_grad.shape)}.")
-    return backward_call(ATTENTION_BACKWARD, *operands)
+                         f"probabilities {probabilities.dtype}{list(probabilities.shape)}, out "
+                         f"{out.dtype}{list(out.shape)}, out_grad {out_grad.dtype}{list(out_grad.shape)}.")
+    if bfloat16:
+        return backward_call(ATTENTION_BF16_BACKWARD, *operands)
+    return backward_call(ATTENTION_BACKWARD, *(x.astype(jnp.float32) for x in operands))
 
 
 def backward_call(target: str, query: jax.Array, key: jax.Array, value: jax.Array, probabilities: jax.Array,

@@ -36,8 +36,8 @@ def cache_dir() -> Path:
 
 
 def build(source: str, flags: tuple[str, ...], compiler: str | None = None) -> Path:
-    """Compiles ``source`` (a file beside this module) into a shared library, once per source text, compiler,
-    flags and XLA FFI headers, and returns its path.
+    """Compiles ``source`` (a file beside this module) into a shared library, once per source text (with the
+    ``*.h`` headers beside it), compiler, flags and XLA FFI headers, and returns its path.
 
     Raises:
       RuntimeError: no C++ compiler is found, or it fails (its output is in the message).
@@ -47,7 +47,8 @@ def build(source: str, flags: tuple[str, ...], compiler: str | None = None) -> P
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     path = HERE / source
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(path.read_bytes() + " ".join((compiler, include, *flags)).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in sorted(HERE.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(path.read_bytes() + headers + " ".join((compiler, include, *flags)).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"{path.stem}-{key}.so"
     if library.exists():
         return library

@@ -19,8 +19,9 @@ same operands, the same float32 accumulation) instead of XLA's dot, which reache
 unit's rate: the dense layers' three, and attention as one fused kernel (its six products with the softmax
 and its backward between them) when one mask serves every head of a row; elsewhere ``jax.lax.dot_general``.
 Elsewhere on one CPU device, attention with one mask for every head of a row runs as the same fused kernel
-on the CPU's vector units in float32, bfloat16 operands widened (`jaxrm.kernels.attention`: XLA runs
-attention's small batched products at a third of its large products' rate, bfloat16 or not).
+on the CPU's vector units (`jaxrm.kernels.attention`: XLA runs attention's small batched products at a third
+of its large products' rate), in bfloat16 on AVX512-BF16's dot products, else in float32 (bfloat16 operands
+widened).
 
 Attention saves its softmax probabilities P for the backward pass and uses the identity
 rowsum(dP ⊙ P) = rowsum(dO ⊙ O) (Dao et al., 2022), so the backward reads P once and never forms the
@@ -284,11 +285,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     key, value = heads_major(key), heads_major(value)
     one_mask = bias.shape[1] == bias.shape[2] == 1
     if one_mask and (amx.takes(scaled, key, value) or attention_kernel.takes(scaled, key, value)):
-        # One mask for every head of a batch row: fused per item, bias [B, T, S]; on the AMX tiles in bfloat16,
-        # else on the vector units in float32 (bfloat16 operands widened: faster than XLA's bfloat16 path).
+        # One mask for every head of a batch row: fused per item, bias [B, T, S] (`_fused_kernel`).
         bias = jnp.broadcast_to(bias[:, 0, 0], (batch, length, key.shape[2]))
-        if not amx.takes(scaled, key, value):
-            scaled, key, value = (x.astype(jnp.float32) for x in (scaled, key, value))
         out = _fused_attention(scaled, key, value, bias)
     else:
         out = _heads_major_attention(scaled, key, value, bias, groups, jnp.dtype(dtype))
@@ -356,8 +354,9 @@ _heads_major_attention.defvjp(_heads_major_attention_forward, _heads_major_atten
 
 
 def _fused_kernel(query):
-    """The fused attention kernel for these operands: AMX tiles for bfloat16, vector units for float32."""
-    return amx if query.dtype == jnp.bfloat16 else attention_kernel
+    """The fused attention kernel for these operands: AMX tiles for bfloat16 where `amx.takes` them, else the vector
+    units (`jaxrm.kernels.attention`: bfloat16 products on AVX512-BF16, or float32 on widened operands)."""
+    return amx if amx.takes(query) else attention_kernel
 
 
 @jax.custom_vjp
