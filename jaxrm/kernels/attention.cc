@@ -1,8 +1,9 @@
-// Softmax attention and its gradients in float32, fused per item, as XLA FFI custom calls for XLA:CPU:
+// Softmax attention and its gradients fused per item, as XLA FFI custom calls for XLA:CPU, in float32 and (where
+// the build has AVX512-BF16) with bfloat16 operands:
 //
-//   jaxrm_attention[_inference]:  S = Q K^T + bias      P = softmax(S) by rows      O = P V
-//   jaxrm_attention_backward:     dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O))
-//                                 dQ = dS K      dK = dS^T Q
+//   jaxrm_attention[_bf16][_inference]:  S = Q K^T + bias      P = softmax(S) by rows      O = P V
+//   jaxrm_attention[_bf16]_backward:     dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dO * O))
+//                                        dQ = dS K      dK = dS^T Q
 //
 // An item is a batch row and a key/value head: Q [Qn, D] (the G query heads that share the key/value head one
 // after another, T positions each, already scaled), K and V [S, D], P [Qn, S]; the bias [T, S] is shared by the
@@ -12,10 +13,11 @@
 // XLA:CPU (jax 0.10) runs attention's products as batched YNNPACK products of one item each, at a third of the
 // rate of its large products (256 x 256 x 32 per item: ~50 GFLOP/s on two AMD EPYC Zen 3 cores, against ~140
 // for a dense layer's), and its softmax and backward as separate passes over [B, K, Qn, S] float32 tensors.
-// Here every product is one register-blocked loop, C[m, n] = sum_k op(A)[m, k] B[k, n] over rows of B, written
-// with GCC's vector extensions (eight floats), compiled for the vector instructions of the CPU that builds it
-// (attention.py passes -mavx2 -mfma where the CPU has them: target_clones gave GCC 12 worse code, its
-// accumulators spilled, at half the speed).
+// In float32 every product is one register-blocked loop, C[m, n] = sum_k op(A)[m, k] B[k, n] over rows of B,
+// written with GCC's vector extensions (eight floats), compiled for the vector instructions of the CPU that builds
+// it (attention.py passes -mavx2 -mfma where the CPU has them: target_clones gave GCC 12 worse code, its
+// accumulators spilled, at half the speed). The bfloat16 items ("bfloat16 operands on AVX512-BF16" below) use
+// the dot-product instruction instead, and avx512.h's softmax and row passes (shared with the AMX kernel).
 //
 // Work runs on the calling thread and on XLA's intra-op thread pool, one item per claim.
 
@@ -26,6 +28,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -212,7 +215,7 @@ void BackwardItem(const Shape& shape, const float* q, const float* k, const floa
 // value, B packed as pairs of its rows, B2[k, n] = (B[2k, n], B[2k + 1, n]) in the low and high halves. Each item's
 // operands are packed so into the thread's scratch (a row-major bfloat16 matrix already holds the pairs of its rows'
 // neighbouring columns); every product is one register-blocked loop of 12 rows x 32 columns of accumulators (24 of
-// the 32 vector registers), as XLA's own bfloat16 products are on this instruction.
+// the 32 vector registers: the block of YNNPACK's bfloat16 product on this instruction, which XLA runs here).
 
 constexpr int kPairLanes = 16;  // float32 lanes of a 512-bit vector; columns (keys, head size) are multiples of it
 typedef uint32_t Pair __attribute__((may_alias));  // two bfloat16 values, the even one in the low half
@@ -252,14 +255,15 @@ JAXRM_INLINE void PairBlock(const Pair* a, int64_t lda, const Pair* b, int64_t l
     for (int j = 0; j < kVectors; ++j) _mm512_storeu_ps(c + (m0 + i) * ldc + n0 + j * kPairLanes, sum[i][j]);
 }
 
-// Rows [m, rows) of C in blocks of kRows = 12, then the rest as one block of its own height.
+// Rows [m, rows) of C: blocks of 12 rows, then the rest (fewer than 12) as one block of its own height.
 template <bool kTransposed, int kVectors, int kRows = 12>
 JAXRM_INLINE void PairRowsOf(const Pair* a, int64_t lda, const Pair* b, int64_t ldb, float* c, int64_t ldc,
                              int64_t m, int64_t rows, int64_t n0, int64_t pairs) {
-  if constexpr (kRows == 12)
-    for (; m + kRows <= rows; m += kRows) PairBlock<kTransposed, kRows, kVectors>(a, lda, b, ldb, c, ldc, m, n0, pairs);
-  if constexpr (kRows >= 1) {
-    if (rows - m == kRows && kRows < 12) return PairBlock<kTransposed, kRows, kVectors>(a, lda, b, ldb, c, ldc, m, n0, pairs);
+  if constexpr (kRows == 12) {
+    for (; m + 12 <= rows; m += 12) PairBlock<kTransposed, 12, kVectors>(a, lda, b, ldb, c, ldc, m, n0, pairs);
+    PairRowsOf<kTransposed, kVectors, 11>(a, lda, b, ldb, c, ldc, m, rows, n0, pairs);
+  } else if constexpr (kRows > 0) {
+    if (rows - m == kRows) return PairBlock<kTransposed, kRows, kVectors>(a, lda, b, ldb, c, ldc, m, n0, pairs);
     PairRowsOf<kTransposed, kVectors, kRows - 1>(a, lda, b, ldb, c, ldc, m, rows, n0, pairs);
   }
 }
@@ -286,9 +290,11 @@ void ForwardItemBF16(const Shape& shape, const uint16_t* q, const uint16_t* k, c
                      float* o, uint16_t* p) {
   const int64_t qn = shape.queries, s = shape.keys, d = shape.depth;
   float* scores = Scratch(qn * s);
-  Pair* key_t = PairScratch(d / 2 * s + s / 2 * d + (p ? 0 : qn * s / 2));
-  Pair* value_pairs = key_t + d / 2 * s;
-  if (!p) p = reinterpret_cast<uint16_t*>(value_pairs + s / 2 * d);
+  Pair* next = PairScratch(d / 2 * s + s / 2 * d + (p ? 0 : qn * s / 2));
+  auto take = [&next](int64_t count) { return std::exchange(next, next + count); };
+  Pair* key_t = take(d / 2 * s);
+  Pair* value_pairs = take(s / 2 * d);
+  if (!p) p = reinterpret_cast<uint16_t*>(take(qn * s / 2));
   TransposePairs(k, s, d, key_t);
   PairRows(v, s, d, value_pairs);
   PairMultiply<false>(Pairs(q), d / 2, key_t, scores, qn, s, d / 2);  // S = Q K^T
@@ -303,13 +309,15 @@ void BackwardItemBF16(const Shape& shape, const uint16_t* q, const uint16_t* k, 
   const int64_t qn = shape.queries, s = shape.keys, d = shape.depth;
   float* dp = Scratch(qn * s + qn);  // dP, then the rows' rowsum(dO * O)
   float* row_dot = dp + qn * s;
-  Pair* value_t = PairScratch(d * s + 3 * qn * d / 2 + qn * s);
-  Pair* key_pairs = value_t + d / 2 * s;
-  Pair* query_pairs = key_pairs + s / 2 * d;
-  Pair* out_grad_pairs = query_pairs + qn / 2 * d;
-  uint16_t* dout = reinterpret_cast<uint16_t*>(out_grad_pairs + qn / 2 * d);  // dO [Qn, D] in bfloat16
-  Pair* pairs_of_p = out_grad_pairs + qn * d;  // P's row pairs, then dS's
-  uint16_t* ds = reinterpret_cast<uint16_t*>(pairs_of_p + qn / 2 * s);  // dS [Qn, S] in bfloat16
+  Pair* next = PairScratch(d * s + 3 * qn * d / 2 + qn * s);
+  auto take = [&next](int64_t count) { return std::exchange(next, next + count); };
+  Pair* value_t = take(d / 2 * s);
+  Pair* key_pairs = take(s / 2 * d);
+  Pair* query_pairs = take(qn / 2 * d);
+  Pair* out_grad_pairs = take(qn / 2 * d);
+  uint16_t* dout = reinterpret_cast<uint16_t*>(take(qn * d / 2));  // dO [Qn, D] in bfloat16
+  Pair* pairs_of_p = take(qn / 2 * s);                               // P's row pairs, then dS's
+  uint16_t* ds = reinterpret_cast<uint16_t*>(take(qn * s / 2));    // dS [Qn, S] in bfloat16
   avx512::OutGradRows(out_grad, o, qn, d, dout, row_dot);
   TransposePairs(v, s, d, value_t);
   PairRows(k, s, d, key_pairs);
