@@ -48,7 +48,8 @@ def build(source: str, flags: tuple[str, ...], compiler: str | None = None) -> P
     path = HERE / source
     include = jax.ffi.include_dir()
     headers = b"".join(header.read_bytes() for header in sorted(HERE.glob("*.h")))  # what the sources include
-    key = hashlib.sha256(path.read_bytes() + headers + " ".join((compiler, include, *flags)).encode()).hexdigest()[:16]
+    text = path.read_bytes() + headers + " ".join((compiler, include, *flags)).encode()
+    key = hashlib.sha256(text).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"{path.stem}-{key}.so"
     if library.exists():
         return library

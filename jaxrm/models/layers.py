@@ -283,8 +283,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Arra
     scaled = (query.astype(jnp.float32) * scale).reshape(batch, length, kv_heads, groups, head_dim)
     scaled = scaled.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim).astype(dtype)
     key, value = heads_major(key), heads_major(value)
-    one_mask = bias.shape[1] == bias.shape[2] == 1
-    if one_mask and (amx.takes(scaled, key, value) or attention_kernel.takes(scaled, key, value)):
+    if bias.shape[1] == bias.shape[2] == 1 and (amx.takes(scaled, key, value)
+                                                or attention_kernel.takes(scaled, key, value)):
         # One mask for every head of a batch row: fused per item, bias [B, T, S] (`_fused_kernel`).
         bias = jnp.broadcast_to(bias[:, 0, 0], (batch, length, key.shape[2]))
         out = _fused_attention(scaled, key, value, bias)
