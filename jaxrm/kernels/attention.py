@@ -113,8 +113,8 @@ def enabled() -> bool:
 
 
 def takes(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
-    """Whether attention over these heads-major operands ([..., Q, D], [..., S, D]) goes here now: all float32,
-    or all bfloat16 for the caller to widen to float32 (see the module docstring)."""
+    """Whether attention over these heads-major operands ([..., Q, D], [..., S, D]) goes here now: all float32, or
+    all bfloat16 (to the bfloat16 kernel where `bfloat16_takes` them, else widened to the float32 one)."""
     return (query.dtype == key.dtype == value.dtype and query.dtype in (jnp.float32, jnp.bfloat16)
             and key.shape[-2] % LANES == 0 and key.shape[-1] % LANES == 0 and enabled())
 
