@@ -456,29 +456,30 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<kType> q, ffi::Bu
   return ffi::Error::Success();
 }
 
+// The operands every call takes first: q, k, v.
 template <ffi::DataType kType>
-auto BindInputs() {
+auto BindItems() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<kType>>()                   // q
-      .template Arg<ffi::Buffer<kType>>()          // k
-      .template Arg<ffi::Buffer<kType>>()          // v
-      .template Arg<ffi::Buffer<ffi::F32>>();      // bias
+      .Arg<ffi::Buffer<kType>>()            // q
+      .template Arg<ffi::Buffer<kType>>()   // k
+      .template Arg<ffi::Buffer<kType>>();  // v
+}
+
+template <ffi::DataType kType>
+auto BindInputs() {
+  return BindItems<kType>().template Arg<ffi::Buffer<ffi::F32>>();  // bias
 }
 
 template <ffi::DataType kType>
 auto BindBackward() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<kType>>()                   // q
-      .template Arg<ffi::Buffer<kType>>()          // k
-      .template Arg<ffi::Buffer<kType>>()          // v
-      .template Arg<ffi::Buffer<kType>>()          // p
-      .template Arg<ffi::Buffer<ffi::F32>>()       // o
-      .template Arg<ffi::Buffer<ffi::F32>>()       // out_grad
-      .template Ret<ffi::Buffer<ffi::F32>>()       // dq
-      .template Ret<ffi::Buffer<ffi::F32>>()       // dk
-      .template Ret<ffi::Buffer<ffi::F32>>();      // dv
+  return BindItems<kType>()
+      .template Arg<ffi::Buffer<kType>>()       // p
+      .template Arg<ffi::Buffer<ffi::F32>>()    // o
+      .template Arg<ffi::Buffer<ffi::F32>>()    // out_grad
+      .template Ret<ffi::Buffer<ffi::F32>>()    // dq
+      .template Ret<ffi::Buffer<ffi::F32>>()    // dk
+      .template Ret<ffi::Buffer<ffi::F32>>();   // dv
 }
 
 }  // namespace

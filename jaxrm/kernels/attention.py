@@ -96,6 +96,7 @@ def available() -> bool:
     return native.load(SOURCE, compile_flags(), targets, "The fused attention kernel") is not None
 
 
+@functools.cache
 def bfloat16_built() -> bool:
     """Whether this machine's build has the bfloat16 kernel (AVX512-BF16); `available` says whether it loaded."""
     return "-mavx512bf16" in compile_flags()
