@@ -6,7 +6,9 @@
 For each loss, each size N (pairs, or lists of K ∈ {4, 8} for the listwise losses) and each dtype
 (float32, bfloat16): the wall time of the forward pass (per-example losses, then their sum, so that
 nothing is left unevaluated) and of forward + backward (``value_and_grad`` of the sum with respect to
-every reward array, as in training). Next to them, in the same process:
+every reward array, as in training). ``bradley_terry`` is timed as TRL writes it, the mean loss
+(``reduction="mean"``), and also as per-pair losses then summed (`JAXRM_VARIANTS`). Next to them, in the
+same process:
 
 - PyTorch eager, written as TRL (``-logsigmoid(chosen - rejected - margin).mean()``) and OpenRLHF
   (``PairWiseLoss``: the same; ``LogExpLoss``: ``log(1 + exp(rejected - chosen)).mean()``) write the
@@ -146,7 +148,8 @@ def _list_inputs(n: int, list_size: int, dtype, key: jax.Array) -> dict:
 # its inputs dict, so the effective bytes are the inputs' bytes plus the outputs'.
 LOSSES: dict[str, tuple[str, tuple[str, ...], Callable[[dict], jax.Array]]] = {
     "bradley_terry": ("pair", ("chosen", "rejected"),
-                      lambda x: losses.bradley_terry(x["chosen"], x["rejected"], margin=x["margin"])),
+                      lambda x: losses.bradley_terry(x["chosen"], x["rejected"], margin=x["margin"],
+                                                     reduction="mean")),
     "hinge": ("pair", ("chosen", "rejected"), lambda x: losses.hinge(x["chosen"], x["rejected"], margin=x["margin"])),
     "smoothed_bradley_terry": ("pair", ("chosen", "rejected"),
                                lambda x: losses.smoothed_bradley_terry(x["chosen"], x["rejected"], 0.1,
@@ -166,6 +169,14 @@ LOSSES: dict[str, tuple[str, tuple[str, ...], Callable[[dict], jax.Array]]] = {
 }
 
 
+JAXRM_IMPLEMENTATION = "jaxrm (jit)"
+# loss name -> {implementation: loss of the inputs dict}: other ways to write a loss, timed beside it.
+JAXRM_VARIANTS: dict[str, dict[str, Callable[[dict], jax.Array]]] = {
+    "bradley_terry": {"jaxrm (jit, per-pair losses, then summed)":
+                      lambda x: losses.bradley_terry(x["chosen"], x["rejected"], margin=x["margin"])},
+}
+
+
 def _used_inputs(name: str, inputs: dict) -> dict:
     """The arrays the loss actually reads (centering and l2 take no margin, l2 no rejected rewards)."""
     if name == "centering" or name == "preference_probability":
@@ -175,9 +186,11 @@ def _used_inputs(name: str, inputs: dict) -> dict:
     return inputs
 
 
-def jax_functions(name: str) -> dict[str, Callable[[dict], object]]:
-    """The jit-compiled forward and forward+backward of loss ``name``, each taking the inputs dict."""
-    _, differentiable, loss = LOSSES[name]
+def jax_functions(name: str, loss: Callable[[dict], jax.Array] | None = None) -> dict[str, Callable[[dict], object]]:
+    """The jit-compiled forward and forward+backward of loss ``name`` (or of ``loss``, another way to write it),
+    each taking the inputs dict."""
+    _, differentiable, default = LOSSES[name]
+    loss = loss or default
 
     def total(params, rest):
         return jnp.sum(loss({**rest, **params}))
@@ -276,7 +289,9 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
 
     for name in loss_names:
         kind = LOSSES[name][0]
-        functions = jax_functions(name)
+        implementations = {JAXRM_IMPLEMENTATION: jax_functions(name)}
+        for implementation, variant in JAXRM_VARIANTS.get(name, {}).items():
+            implementations[implementation] = jax_functions(name, variant)
         for dtype in dtypes:
             for n in sizes:
                 for list_size in (LIST_SIZES if kind == "list" else (None,)):
@@ -290,10 +305,11 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
                     else:
                         inputs = _list_inputs(n, list_size, DTYPES[dtype], key)
                     inputs = _used_inputs(name, inputs)
-                    for mode, function in functions.items():
-                        case = Case(name, "jaxrm (jit)", mode, n, list_size, dtype,
-                                    effective_bytes(name, inputs, mode))
-                        record(case, timings(lambda: jax.block_until_ready(function(inputs)), repeats))
+                    for implementation, functions in implementations.items():
+                        for mode, function in functions.items():
+                            case = Case(name, implementation, mode, n, list_size, dtype,
+                                        effective_bytes(name, inputs, mode))
+                            record(case, timings(lambda: jax.block_until_ready(function(inputs)), repeats))
                     if name == "bradley_terry" and peers is not None:
                         for implementation, peer in peers.items():
                             for mode, peer_run in torch_runs(peer, inputs, dtype).items():
@@ -333,7 +349,7 @@ def floors(rows: list[dict]) -> dict:
     if not selected:
         return {}
     n = max(r["n"] for r in selected)
-    ours = next(r for r in selected if r["n"] == n and r["implementation"] == "jaxrm (jit)")
+    ours = next(r for r in selected if r["n"] == n and r["implementation"] == JAXRM_IMPLEMENTATION)
     result = {"n": n, "fraction_of_roofline": ours["fraction_of_roofline"],
               "fraction_of_in_place_bandwidth": ours["fraction_of_in_place_bandwidth"],
               "roofline_floor_met": ours["fraction_of_roofline"] >= 0.5}
@@ -386,7 +402,7 @@ def plot(result: dict, path: Path) -> None:
         for r in result["rows"]:
             if r["mode"] != "fwd+bwd" or r["dtype"] != dtype:
                 continue
-            label = r["loss"] if r["implementation"] == "jaxrm (jit)" else f"bradley_terry, {r['implementation']}"
+            label = r["loss"] if r["implementation"] == JAXRM_IMPLEMENTATION else f"{r['loss']}, {r['implementation']}"
             if r["list_size"]:
                 label += f" K={r['list_size']}"
             lines.setdefault(label, []).append((r["n"], r["median_s"]))

@@ -27,6 +27,7 @@ def test_losses_benchmark_writes_json_markdown_and_plot(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     implementations = {(r["loss"], r["implementation"]) for r in rows}
     assert ("bradley_terry", "jaxrm (jit)") in implementations
+    assert ("bradley_terry", "jaxrm (jit, per-pair losses, then summed)") in implementations
     assert {r["list_size"] for r in rows if r["loss"] == "all_pairs"} == {4, 8}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)

@@ -602,6 +602,25 @@ def test_options_of_the_wrong_shape_or_range_are_refused():
     assert jax.jit(L.rao_kupper)(w, w, ones, 0.5).shape == (4,)
 
 
+def test_bradley_terry_reductions_are_the_mean_and_sum_of_the_pairs():
+    """XLA's path (the tests' eight devices keep the C++ pass away; tests/test_pairwise_kernel.py checks that one):
+    the mean and the sum against float64, their gradients the per-pair losses' reduced, bfloat16 in float32."""
+    reference = ref_bradley_terry(CHOSEN.astype(np.float64), REJECTED, MARGIN)
+    for reduction, want in (("mean", reference.mean()), ("sum", reference.sum())):
+        value = L.bradley_terry(CHOSEN, REJECTED, margin=MARGIN, reduction=reduction)
+        assert value.shape == () and value.dtype == jnp.float32
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        grads = jax.grad(lambda w, r: L.bradley_terry(w, r, MARGIN, reduction=reduction), (0, 1))(CHOSEN, REJECTED)
+        reduce = getattr(jnp, reduction)
+        per_pair = jax.grad(lambda w, r: reduce(L.bradley_terry(w, r, MARGIN)), (0, 1))(CHOSEN, REJECTED)
+        for ours, theirs in zip(grads, per_pair):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6)
+    low = L.bradley_terry(CHOSEN.astype(jnp.bfloat16), REJECTED.astype(jnp.bfloat16), reduction="mean")
+    assert low.dtype == jnp.float32
+    with pytest.raises(ValueError, match=r"reduction must be one of \('none', 'mean', 'sum'\); got 'avg'"):
+        L.bradley_terry(CHOSEN, REJECTED, reduction="avg")
+
+
 def test_listwise_shapes_and_dtypes_are_checked():
     rewards = np.zeros((2, 3), np.float32)
     ranks = np.zeros((2, 3), np.int32)

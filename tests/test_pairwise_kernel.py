@@ -1,6 +1,7 @@
-"""jaxrm.kernels.pairwise: the one-pass Bradley–Terry loss (alone, and with its derivatives) against float64
-NumPy, at the branch points of its exp and far out; its derivatives of every order against autodiff of XLA's formula; and
-jaxrm.losses.bradley_terry taking it (or not) where it should. Needs a C++ compiler (skipped without one)."""
+"""jaxrm.kernels.pairwise: the one-pass Bradley–Terry loss (alone, and with its derivatives; per pair, and summed or
+averaged in the kernel) against float64 NumPy, at the branch points of its exp and far out; its derivatives of every
+order against autodiff of XLA's formula; and jaxrm.losses.bradley_terry taking it (or not) where it should. Needs a C++
+compiler (skipped without one)."""
 
 import os
 import shutil
@@ -139,7 +140,8 @@ def test_streamed_outputs_are_the_plain_stores_values():
     chosen, rejected = (jnp.asarray(rng.standard_normal((3, 600_001)) * 4, jnp.float32) for _ in range(2))
     margins = jnp.array([0.0, 1.0, -2.5], jnp.float32)
     assert chosen.size >= STREAM_PAIRS
-    for function in (pairwise.bradley_terry_and_derivatives, pairwise.bradley_terry_loss):
+    mean = lambda c, r, m: pairwise.bradley_terry_reduced_and_derivatives(c, r, m, "mean")
+    for function in (pairwise.bradley_terry_and_derivatives, pairwise.bradley_terry_loss, mean):
         whole = jax.vmap(function)(chosen, rejected, margins)
         for row in range(3):
             piece = function(chosen[row], rejected[row], margins[row])
@@ -151,6 +153,59 @@ def test_streamed_outputs_are_the_plain_stores_values():
     np.testing.assert_allclose(np.asarray(flat[0]), ref_loss, rtol=1e-6, atol=2e-38)
     np.testing.assert_allclose(np.asarray(flat[2]), ref_sigma, rtol=1e-6, atol=2e-38)
     np.testing.assert_array_equal(np.asarray(flat[1]), -np.asarray(flat[2]))
+
+
+def test_sums_and_means_match_float64_and_scale_the_derivatives():
+    """The reduced kernels: totals within float32 rounding of float64 sums over three claims of one row (whose
+    partial sums are added afterwards); derivatives exactly s times the per-pair kernel's, s = 1 or float32(1 / N)."""
+    rng = np.random.default_rng(5)
+    n = 2 * CHUNK + 7
+    chosen, rejected = (rng.standard_normal(n).astype(np.float32) * 8 for _ in range(2))
+    margin = rng.uniform(0, 2, n).astype(np.float32)
+    ref_loss, _ = _reference((chosen - rejected) - margin)  # d as float32 rounds it
+    _, d_chosen, d_rejected = pairwise.bradley_terry_and_derivatives(*map(jnp.asarray, (chosen, rejected, margin)))
+    for reduction, expected, scale in (("sum", ref_loss.sum(), np.float32(1)), ("mean", ref_loss.mean(), np.float32(1 / n))):
+        for margins in (margin, np.float32(0.5)):
+            args = tuple(map(jnp.asarray, (chosen, rejected, margins)))
+            want = expected if margins is margin else \
+                getattr(_reference((chosen - rejected) - np.float32(0.5))[0], reduction)()
+            total, slope_chosen, slope_rejected = jax.jit(pairwise.bradley_terry_reduced_and_derivatives,
+                                                          static_argnums=3)(*args, reduction)
+            np.testing.assert_allclose(float(total), want, rtol=1e-6)
+            np.testing.assert_allclose(float(pairwise.bradley_terry_reduced(*args, reduction)), want, rtol=1e-6)
+            if margins is margin:
+                np.testing.assert_array_equal(np.asarray(slope_rejected), scale * np.asarray(d_rejected))
+                np.testing.assert_array_equal(np.asarray(slope_chosen), scale * np.asarray(d_chosen))
+    nan = pairwise.bradley_terry_reduced_and_derivatives(jnp.array([1.0, jnp.nan, 0.0]), jnp.zeros(3), jnp.zeros(3),
+                                                         "mean")
+    assert np.isnan(float(nan[0])) and np.isnan(np.asarray(nan[1])).tolist() == [False, True, False]
+    empty = [pairwise.bradley_terry_reduced(jnp.zeros(0), jnp.zeros(0), jnp.float32(0), r) for r in ("sum", "mean")]
+    assert float(empty[0]) == 0.0 and np.isnan(float(empty[1]))  # as jnp.sum and jnp.mean of nothing
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pairwise.bradley_terry_reduced(jnp.zeros(4), jnp.zeros(4), jnp.float32(0), "max")
+
+
+def test_vmapped_sums_are_one_per_row():
+    """Under vmap each row gets its own total: rows longer than a claim (in pieces) and rows far shorter (many to a
+    claim), with a margin per row or per pair; each row is what a call on that row alone gives, to the bit."""
+    rng = np.random.default_rng(6)
+    for rows, length in ((3, CHUNK + CHUNK // 2), (5000, 7)):
+        chosen, rejected = (jnp.asarray(rng.standard_normal((rows, length)) * 4, jnp.float32) for _ in range(2))
+        margins = jnp.asarray(rng.uniform(0, 2, rows), jnp.float32)
+        per_pair = jnp.broadcast_to(margins[:, None], chosen.shape)
+        reference = _reference((np.asarray(chosen) - np.asarray(rejected)) - np.asarray(margins)[:, None])[0]
+        for reduction in ("sum", "mean"):
+            want = getattr(reference, reduction)(axis=1)
+            for function in (pairwise.bradley_terry_reduced, pairwise.bradley_terry_reduced_and_derivatives):
+                for m in (margins, per_pair):
+                    batched = jax.vmap(lambda c, r, m: function(c, r, m, reduction))(chosen, rejected, m)
+                    total = jax.tree.leaves(batched)[0]
+                    assert total.shape == (rows,)
+                    np.testing.assert_allclose(np.asarray(total), want, rtol=1e-6)
+            for row in (0, rows - 1):
+                alone = pairwise.bradley_terry_reduced_and_derivatives(chosen[row], rejected[row], margins[row], reduction)
+                for big, small in zip(batched, alone):
+                    np.testing.assert_array_equal(np.asarray(big)[row], np.asarray(small))
 
 
 def _formula(chosen, rejected, margin):
@@ -187,6 +242,29 @@ def test_derivatives_of_every_order_match_autodiff_of_the_formula():
     np.testing.assert_allclose(np.asarray(third), -s * (1 - s) * (1 - 2 * s), rtol=1e-4, atol=1e-6)
 
 
+def test_derivatives_of_the_mean_match_autodiff_of_the_formula():
+    """jax.grad of the reduced mean (the kernel's derivatives as they are, for the cotangent 1) and of twice it (a
+    cotangent that is not 1), and second derivatives through the JVP rule of the reduced derivatives, against
+    autodiff of XLA's formula's mean."""
+    rng = np.random.default_rng(7)
+    chosen, rejected = (jnp.asarray(rng.standard_normal(4096) * 3, jnp.float32) for _ in range(2))
+    margin = jnp.asarray(rng.uniform(0, 1, 4096), jnp.float32)
+    ours = lambda c, r, m: 2 * pairwise.bradley_terry_reduced(c, r, m, "mean")
+    theirs = lambda c, r, m: 2 * jnp.mean(_formula(c, r, m))
+    for scale in (1.0, 2.0):
+        grads = [jax.grad(lambda *x: f(*x) / 2 * scale, (0, 1, 2))(chosen, rejected, margin) for f in (ours, theirs)]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-10)
+    # ∂/∂m of Σ ∂L/∂chosen: mixed second derivatives, summed; and ∂²L/∂chosen² pair by pair (a Hessian diagonal)
+    mixed = [jax.grad(lambda m: jnp.sum(jax.grad(f)(chosen, rejected, m)))(margin) for f in (ours, theirs)]
+    np.testing.assert_allclose(np.asarray(mixed[0]), np.asarray(mixed[1]), rtol=1e-5, atol=1e-10)
+    diagonal = [jax.jvp(lambda c: jax.grad(f)(c, rejected, margin), (chosen,), (jnp.ones_like(chosen),))[1]
+                for f in (ours, theirs)]
+    np.testing.assert_allclose(np.asarray(diagonal[0]), np.asarray(diagonal[1]), rtol=1e-5, atol=1e-10)
+    sigma = _reference(np.asarray(chosen, np.float64) - np.asarray(rejected) - np.asarray(margin))[1]
+    np.testing.assert_allclose(np.asarray(diagonal[0]), 2 * sigma * (1 - sigma) / 4096, rtol=1e-5, atol=1e-10)
+
+
 def test_refuses_what_it_does_not_compute():
     ones = jnp.ones(8)
     with pytest.raises(ValueError, match="float32"):
@@ -219,6 +297,7 @@ k = jax.random.split(jax.random.key(0), 3)
 c, r = (jax.random.normal(key, (n,)) * 4 for key in k[:2])
 m = jax.random.uniform(k[2], (n,))
 total = lambda c, r, m: jnp.sum(L.bradley_terry(c, r, margin=m))
+mean = lambda c, r, m: L.bradley_terry(c, r, margin=m, reduction="mean")
 grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
 value, (gc, gr, gm) = grads(c, r, m)
 formula = lambda c, r, m: jnp.sum(L._bradley_terry_formula(c, r, m))
@@ -227,19 +306,31 @@ np.testing.assert_allclose(value, ref_value, rtol=1e-5)
 for ours, theirs in ((gc, rc), (gr, rr), (gm, rm)):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=2e-6, atol=1e-7)
 np.testing.assert_allclose(jax.jit(total)(c, r, m), ref_value, rtol=1e-5)
+mean_grads = jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))
+mean_value, (mc, mr) = mean_grads(c, r, m)
+np.testing.assert_allclose(mean_value, ref_value / n, rtol=1e-5)
+np.testing.assert_allclose(np.asarray(mc), np.asarray(rc) / n, rtol=2e-6, atol=1e-12)
+np.testing.assert_allclose(np.asarray(mr), np.asarray(rr) / n, rtol=2e-6, atol=1e-12)
+np.testing.assert_allclose(L.bradley_terry(c, r, margin=m, reduction="sum"), ref_value, rtol=1e-5)
 low = jax.grad(total)(c.astype(jnp.bfloat16), r.astype(jnp.bfloat16), m)
 calls = lambda lowered: ",".join(re.findall(r"custom_call @(jaxrm_\\w+)", lowered.as_text())) or "none"
 print("differentiated", calls(grads.lower(c, r, m)))
 print("forward", calls(jax.jit(total).lower(c, r, m)))
 print("small", calls(grads.lower(c[:1000], r[:1000], m[:1000])))
+print("mean differentiated", calls(mean_grads.lower(c, r, m)))
+print("mean forward", calls(jax.jit(mean).lower(c, r, m)))
+# The gradient of the mean is the kernel's outputs as they are: no pass over the pairs after it.
+entry = mean_grads.lower(c, r, m).compile().as_text().split("ENTRY")[1]
+print("mean passes after the kernel", len(re.findall(r" (?:fusion|multiply|copy)\\(", entry)))
 print("bfloat16", low.dtype)
 """
 
 
 def test_losses_take_the_kernel_for_gradients_on_one_device():
     lines = _one_device(LOSSES_ON_ONE_DEVICE).split("\n")
-    assert lines[:4] == ["differentiated jaxrm_bradley_terry", "forward jaxrm_bradley_terry_loss", "small none",
-                         "bfloat16 bfloat16"]
+    assert lines[:7] == ["differentiated jaxrm_bradley_terry", "forward jaxrm_bradley_terry_loss", "small none",
+                         "mean differentiated jaxrm_bradley_terry_sum", "mean forward jaxrm_bradley_terry_sum_loss",
+                         "mean passes after the kernel 0", "bfloat16 bfloat16"]
 
 
 def test_jaxrm_loss_kernel_0_turns_it_off():

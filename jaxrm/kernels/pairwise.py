@@ -18,10 +18,18 @@ is the forward pass alone (the loss, nothing else written), differentiated throu
 ``value_and_grad`` of the sum takes 0.74 ms at N = 10⁶ and 9.5 ms at 10⁷ on an AMD EPYC Zen 3 (two cores,
 AVX2; 1.02 and 10.7 ms with one loop), 7.6–8.2 ms at 10⁷ on a Zen 4 (two cores, AVX-512).
 
-`jaxrm.losses.bradley_terry` is `bradley_terry_loss` where `takes` says so: float32 arrays of at
-least `MIN_PAIRS` pairs, with JAX on its CPU backend and one device (a custom call carries no sharding
-rule), unless ``JAXRM_LOSS_KERNEL=0``. Smaller arrays (a training batch) stay with XLA, which fuses the loss
-into the surrounding step; so does everything where no C++ compiler is found (one warning).
+A loss that is only summed or averaged need not be written at all: :func:`bradley_terry_reduced` (the sum
+or the mean; float64 partial sums, added in a fixed order) and, differentiated,
+:func:`bradley_terry_reduced_and_derivatives` (that total and s·∂ℓ/∂r, s = 1 or 1/N: already the gradient
+for the cotangent 1 that ``jax.grad`` starts from). ``value_and_grad`` of the mean then reads the three
+inputs and writes the two gradients, 200 MB at N = 10⁷, where the per-pair losses summed in XLA also write
+and read the losses (280 MB).
+
+`jaxrm.losses.bradley_terry` is `bradley_terry_loss` (with a ``reduction``, `bradley_terry_reduced`) where
+`takes` says so: float32 arrays of at least `MIN_PAIRS` pairs, with JAX on its CPU backend and one device
+(a custom call carries no sharding rule), unless ``JAXRM_LOSS_KERNEL=0``. Smaller arrays (a training batch)
+stay with XLA, which fuses the loss into the surrounding step; so does everything where no C++ compiler is
+found (one warning).
 
 Example:
     >>> import jax.numpy as jnp
@@ -48,6 +56,9 @@ from jaxrm.kernels import native
 SOURCE = "pairwise.cc"
 TARGET = "jaxrm_bradley_terry"
 LOSS_TARGET = "jaxrm_bradley_terry_loss"
+REDUCED_TARGET = "jaxrm_bradley_terry_sum"
+REDUCED_LOSS_TARGET = "jaxrm_bradley_terry_sum_loss"
+REDUCTIONS = ("sum", "mean")
 FLAGS = (*native.BASE_FLAGS, "-fno-trapping-math")
 """``-fno-trapping-math``: the loop's selects between computed values (``e = a >= 87 ? 0 : exp(−a)``) are control
 flow to a compiler that must keep floating-point exceptions where the source raises them, and only AVX-512's
@@ -65,7 +76,8 @@ def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA (tried once per process)."""
     if os.environ.get("JAXRM_LOSS_KERNEL", "1") == "0":
         return False
-    return native.load(SOURCE, FLAGS, (TARGET, LOSS_TARGET), "The Bradley-Terry loss kernel") is not None
+    return native.load(SOURCE, FLAGS, (TARGET, LOSS_TARGET, REDUCED_TARGET, REDUCED_LOSS_TARGET),
+                       "The Bradley-Terry loss kernel") is not None
 
 
 def takes(shape: tuple[int, ...], dtype) -> bool:
@@ -147,3 +159,76 @@ def _bradley_terry_loss_jvp(primals, tangents):
     chosen_dot, rejected_dot, margin_dot = tangents
     # d_rejected for both: one product when both are differentiated, and none for a constant cotangent (a sum).
     return loss, d_chosen * chosen_dot + d_rejected * (rejected_dot + margin_dot)
+
+
+def _check_reduction(reduction: str, name: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"pairwise.{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+
+
+def _scale(reduction: str, pairs: int) -> float:
+    """The factor the kernel applies to the sum and its derivatives: 1, or 1 / N for a mean."""
+    return 1.0 if reduction == "sum" else 1.0 / pairs
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def bradley_terry_reduced_and_derivatives(chosen: jax.Array, rejected: jax.Array, margin: jax.Array,
+                                          reduction: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """L = s Σᵢ ℓᵢ over all pairs (s = 1 for ``"sum"``, 1/N for ``"mean"``), ∂L/∂chosen = −s σ(−d) and
+    ∂L/∂rejected = s σ(−d), from one kernel pass that writes no per-pair loss (∂L/∂margin is ∂L/∂rejected).
+
+    The sum runs in float64 within each claim of pairs, and the claims' partial sums are added in a fixed
+    order, so a call gives the same total every time. Under vmap each batch row gets its own total.
+
+    Args: as `bradley_terry_and_derivatives`, and ``reduction``, ``"sum"`` or ``"mean"``.
+
+    Raises: as `bradley_terry_and_derivatives`, and ValueError for another reduction.
+    """
+    _check(chosen, rejected, margin, "bradley_terry_reduced_and_derivatives")
+    _check_reduction(reduction, "bradley_terry_reduced_and_derivatives")
+    like = jax.ShapeDtypeStruct(chosen.shape, jnp.float32)
+    call = jax.ffi.ffi_call(REDUCED_TARGET, (jax.ShapeDtypeStruct((), jnp.float32), like, like),
+                            vmap_method="broadcast_all")
+    return tuple(call(chosen, rejected, margin.reshape(margin.shape or (1,)), mean=reduction == "mean"))
+
+
+@bradley_terry_reduced_and_derivatives.defjvp
+def _bradley_terry_reduced_and_derivatives_jvp(reduction, primals, tangents):
+    total, d_chosen, d_rejected = bradley_terry_reduced_and_derivatives(*primals, reduction)
+    chosen_dot, rejected_dot, margin_dot = tangents
+    delta_dot = chosen_dot - rejected_dot - margin_dot
+    # d_rejected = s σ(−d), and ∂σ(−d)/∂d = −σ(−d) σ(d): ∂d_chosen/∂d = s σ(−d) (1 − σ(−d)).
+    curvature = d_rejected * (1 - d_rejected / _scale(reduction, primals[0].size)) * delta_dot
+    return (total, d_chosen, d_rejected), (jnp.sum(d_chosen * delta_dot), curvature, -curvature)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def bradley_terry_reduced(chosen: jax.Array, rejected: jax.Array, margin: jax.Array, reduction: str) -> jax.Array:
+    """The sum or the mean of ℓ = −log σ(chosen − rejected − margin) over all pairs, from one kernel pass that
+    reads the rewards and writes nothing else (a forward pass); differentiated, it is
+    `bradley_terry_reduced_and_derivatives`, whose gradient (for a cotangent of 1, as in ``jax.grad`` of this
+    value) is the kernel's derivatives as they are: one pass that reads each input once and writes each
+    gradient once, where the per-pair loss then summed also writes and reads the losses.
+
+    Args and Raises: as `bradley_terry_reduced_and_derivatives`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> chosen, rejected = jnp.array([3.2, -0.5, 0.0]), jnp.array([1.5, -2.0, 1.0])
+        >>> if available():
+        ...     mean = lambda c: bradley_terry_reduced(c, rejected, jnp.float32(0), "mean")
+        ...     with jnp.printoptions(precision=4): print(f"{mean(chosen):.4f}", jax.grad(mean)(chosen))
+        ... else: print("0.5608 [-0.0515 -0.0608 -0.2437]")
+        0.5608 [-0.0515 -0.0608 -0.2437]
+    """
+    _check(chosen, rejected, margin, "bradley_terry_reduced")
+    _check_reduction(reduction, "bradley_terry_reduced")
+    call = jax.ffi.ffi_call(REDUCED_LOSS_TARGET, jax.ShapeDtypeStruct((), jnp.float32), vmap_method="broadcast_all")
+    return call(chosen, rejected, margin.reshape(margin.shape or (1,)), mean=reduction == "mean")
+
+
+@bradley_terry_reduced.defjvp
+def _bradley_terry_reduced_jvp(reduction, primals, tangents):
+    total, d_chosen, d_rejected = bradley_terry_reduced_and_derivatives(*primals, reduction)
+    chosen_dot, rejected_dot, margin_dot = tangents
+    return total, jnp.sum(d_chosen * chosen_dot + d_rejected * (rejected_dot + margin_dot))
