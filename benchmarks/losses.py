@@ -19,7 +19,8 @@ same process:
 
 Effective bytes are what a loss must move at the least: its inputs read once and its outputs (per
 example losses, or the gradients) written once. The fraction of the roofline is effective bytes/s
-divided by the measured bandwidth. Times are median / min / max over ``repeats`` after `WARMUPS` untimed calls.
+divided by the measured bandwidth. Times are median / min / max over ``repeats`` after `WARMUPS` untimed calls
+(more while calls still page-fault).
 Results go to ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -62,22 +64,40 @@ class Case:
 
 
 WARMUPS = 3
-"""Untimed calls before the timed ones: the first compiles, and the next ones' outputs still grow the heap (glibc's,
-tuned by `jaxrm.host` so freed buffers are reused): at 10⁷ pairs the second and third forward + backward calls
-page-faulted 144-206 MB of fresh huge pages and took 125-206 ms, the eight after them none, at 9-11 ms. (Slow
-outliers of 100-260 ms still turn up in some runs on a noisy host; the median is what the floors read.)"""
+"""Untimed calls before the timed ones, at the least: the first compiles, and the next ones' outputs still grow the
+heap (glibc's, tuned by `jaxrm.host` so freed buffers are reused). At 10⁷ pairs the second and third forward +
+backward calls page-faulted 144-206 MB of fresh huge pages and took 125-206 ms, the eight after them none, at 9-11
+ms; in some processes the growth lasts longer (the mean's forward + backward on an AMD EPYC Zen 4: five calls in a
+row of 72-135 ms, 36-72 huge-page faults each, then none at 5-7 ms), so warming goes on while calls still fault
+(`MAX_WARMUPS`). (Slow outliers of 100-260 ms still turn up in some runs on a noisy host; the median is what the
+floors read.)"""
+MAX_WARMUPS = 20
+"""Untimed calls at the most: past `WARMUPS`, one more while the last one page-faulted more than `QUIET_FAULTS`
+times (fresh memory taken from the OS: the heap still growing to the call's steady state)."""
+QUIET_FAULTS = 8
+
+
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timings(run: Callable[[], object], repeats: int) -> dict:
-    """Median / min / max seconds of ``run`` (which blocks until its result is ready), after `WARMUPS` calls."""
-    for _ in range(WARMUPS):
+    """Median / min / max seconds of ``run`` (which blocks until its result is ready) over ``repeats`` calls, after
+    `WARMUPS` untimed calls and as many more (up to `MAX_WARMUPS`) as still page-fault; ``warmups`` says how many."""
+    warmups = 0
+    while warmups < MAX_WARMUPS:
+        before = _page_faults()
         run()
+        warmups += 1
+        faulted = _page_faults() - before
+        if warmups >= WARMUPS and faulted <= QUIET_FAULTS:
+            break
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "warmups": warmups}
 
 
 def measure_bandwidth(repeats: int) -> dict:

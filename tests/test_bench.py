@@ -41,6 +41,20 @@ def test_losses_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert ours["fraction_of_roofline"] == pytest.approx(ours["bytes_per_s"] / result["roofline_bytes_per_s"])
 
 
+def test_warmup_goes_on_while_calls_still_page_fault(monkeypatch):
+    module = bench.benchmark_module("losses")
+    faults = iter([0, 40, 40, 80, 80, 120, 120, 120, 120, 121] + [121] * 100)  # before / after each call
+    monkeypatch.setattr(module, "_page_faults", lambda: next(faults))
+    calls = []
+    result = module.timings(lambda: calls.append(1), repeats=2)
+    # Calls 1-3 fault 40 each (the minimum warm-up), the fourth none, then two timed calls.
+    assert result["warmups"] == 4 and len(calls) == 6
+    monkeypatch.setattr(module, "_page_faults", lambda: next(iter_always_faulting))
+    iter_always_faulting = iter(range(0, 10**6, 100))
+    calls.clear()
+    assert module.timings(lambda: calls.append(1), repeats=1)["warmups"] == module.MAX_WARMUPS
+
+
 def test_every_loss_has_a_benchmark_case():
     from jaxrm import losses
 
