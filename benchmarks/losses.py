@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxrm import losses
 from jaxrm.bench import write_result
+from jaxrm.host import trim_heap
 
 DEFAULT_SIZES = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 LIST_SIZES = (4, 8)
@@ -337,6 +338,7 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
                                             effective_bytes(name, inputs, mode))
                                 record(case, timings(peer_run, repeats))
                     del inputs
+                    trim_heap()  # each case warms up from its own heap: the cases' growth does not pile up
     return {
         "machine": machine(),
         "roofline_bytes_per_s": bandwidth,

@@ -105,6 +105,22 @@ def test_the_tuned_heap_sits_on_huge_pages():
     assert huge_kib(plain) == 0
 
 
+@linux_glibc
+def test_trim_heap_returns_the_tuned_heaps_free_memory():
+    """Under the tuned settings a freed 256 MiB malloc buffer stays resident (that is their point);
+    `trim_heap` gives it back."""
+    probe = ("import ctypes; from jaxrm.host import trim_heap; libc = ctypes.CDLL(None); "
+             "libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]; "
+             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20; "
+             "p = libc.malloc(2**28); ctypes.memset(p, 1, 2**28); held = rss(); libc.free(p); freed = rss(); "
+             "trimmed = trim_heap(); print(held, freed, rss(), trimmed)")
+    environ = tuned_environment(_untuned_process_environment())
+    held, freed, after, trimmed = subprocess.run([sys.executable, "-c", probe], env=environ, capture_output=True,
+                                                 text=True, check=True).stdout.split()
+    assert trimmed == "True"
+    assert int(freed) > int(held) - 16 and int(after) < int(held) - 200  # MiB resident
+
+
 def test_the_restart_happens_before_jax_is_imported():
     """`console_main` imports `jaxrm.host` and may restart: nothing heavy may load before that (it would
     be loaded twice), and `jaxrm.losses` alone stays free of the model and training stack."""
