@@ -420,6 +420,7 @@ def plot(result: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for axis, dtype in zip(axes, DTYPES):
+        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # 17 lines: the default cycle's 10 colours repeat
         lines: dict[str, list] = {}
         for r in result["rows"]:
             if r["mode"] != "fwd+bwd" or r["dtype"] != dtype:
