@@ -626,42 +626,34 @@ ffi::Error BradleyTerrySumLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> chose
                     });
 }
 
+// What every handler here is called with: XLA's thread pool, then chosen, rejected and margin.
+auto BindPairs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // chosen
+      .Arg<ffi::Buffer<ffi::F32>>()   // rejected
+      .Arg<ffi::Buffer<ffi::F32>>();  // margin
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry, BradleyTerry,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // chosen
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // rejected
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // margin
+                              BindPairs()
                                   .Ret<ffi::Buffer<ffi::F32>>()    // loss
                                   .Ret<ffi::Buffer<ffi::F32>>()    // d_chosen
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d_rejected
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry_sum, BradleyTerrySum,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // chosen
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // rejected
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // margin
+                              BindPairs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // total, one per row
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_chosen
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_rejected
                                   .Attr<bool>("mean"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry_loss, BradleyTerryLoss,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // chosen
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // rejected
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // margin
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // loss
+                              BindPairs().Ret<ffi::Buffer<ffi::F32>>());  // loss
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrm_bradley_terry_sum_loss, BradleyTerrySumLoss,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // chosen
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // rejected
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // margin
+                              BindPairs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // total, one per row
                                   .Attr<bool>("mean"));
