@@ -23,7 +23,8 @@ or the mean; float64 partial sums, added in a fixed order) and, differentiated,
 :func:`bradley_terry_reduced_and_derivatives` (that total and s·∂ℓ/∂r, s = 1 or 1/N: already the gradient
 for the cotangent 1 that ``jax.grad`` starts from). ``value_and_grad`` of the mean then reads the three
 inputs and writes the two gradients, 200 MB at N = 10⁷, where the per-pair losses summed in XLA also write
-and read the losses (280 MB).
+and read the losses (280 MB): 5.0–6.8 ms on the Zen 4, against 6.8–7.7 for the per-pair losses summed, and
+4.1–4.4 ms for the bare memory traffic (C++, three arrays read and two written, nothing computed).
 
 `jaxrm.losses.bradley_terry` is `bradley_terry_loss` (with a ``reduction``, `bradley_terry_reduced`) where
 `takes` says so: float32 arrays of at least `MIN_PAIRS` pairs, with JAX on its CPU backend and one device
