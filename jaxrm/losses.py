@@ -284,7 +284,9 @@ def _bradley_terry(chosen, rejected, margin, reduction):
             return pairwise.bradley_terry_loss(chosen, rejected, margin)
         return pairwise.bradley_terry_reduced(chosen, rejected, margin, reduction)
     loss = _bradley_terry_formula(chosen, rejected, margin)
-    return {"none": loss, "mean": jnp.mean(loss), "sum": jnp.sum(loss)}[reduction]
+    if reduction == "none":
+        return loss
+    return jnp.mean(loss) if reduction == "mean" else jnp.sum(loss)
 
 
 def _bradley_terry_formula(chosen, rejected, margin):

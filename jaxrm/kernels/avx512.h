@@ -1,5 +1,6 @@
 // AVX-512 helpers of the bfloat16 attention kernels (amx_matmul.cc's on AMX tiles, attention.cc's on AVX512-BF16):
-// e^x, float32 <-> bfloat16, and the passes between their products over an item's rows.
+// e^x, float32 <-> bfloat16, and the passes between their products over an item's rows (the loss kernel,
+// pairwise.cc, shares the e^x polynomial).
 //
 //   SoftmaxRow:     P = softmax(S + bias) by rows, in bfloat16
 //   OutGradRows:    rowsum(dO * O) and dO in bfloat16
@@ -18,12 +19,10 @@
 
 namespace avx512 {
 
-// e^x for x <= 0 (Cephes' expf polynomial after reducing by ln 2; relative error ~1e-7), exactly 0 below -87.
-inline __m512 ExpNonPositive(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// Cephes' expf polynomial: with x = n ln2 + r (n an integer, |r| <= ln2 / 2), e^r, which the caller scales by 2^n
+// (relative error ~1e-7). ln 2 is taken in two parts, the first exact in float32. Marked for AVX-512F itself so that
+// pairwise.cc, built for any x86-64 CPU, can call it from its AVX-512 loops.
+__attribute__((target("avx512f"), always_inline)) inline __m512 ExpOfReduced(__m512 x, __m512 n) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -33,7 +32,16 @@ inline __m512 ExpNonPositive(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
+  return y;
+}
+
+// e^x for x <= 0, exactly 0 below -87.
+inline __m512 ExpNonPositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(ExpOfReduced(x, n), n));
 }
 
 // float32 -> bfloat16, rounding to nearest even (as XLA's convert), for the lanes in `lanes`.

@@ -48,6 +48,8 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "avx512.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -272,17 +274,8 @@ JAXRM_AVX512 __m512 ExpOfMinusAbs16(__m512 d) {
   const __m512 x = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(d), _mm512_set1_epi32(INT32_MIN)));  // -|d|
   const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.0f));
   const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(12582912.0f));
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __mmask16 in_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLE_UQ);
-  return _mm512_maskz_scalef_ps(in_range, y, n);  // y 2^n
+  return _mm512_maskz_scalef_ps(in_range, avx512::ExpOfReduced(x, n), n);  // e^r 2^n
 }
 
 JAXRM_AVX512 __m512 TwiceAtanhOfHalf16(__m512 h) {
