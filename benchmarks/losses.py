@@ -14,8 +14,8 @@ same process:
   (``PairWiseLoss``: the same; ``LogExpLoss``: ``log(1 + exp(rejected - chosen)).mean()``) write the
   Bradley–Terry loss; skipped when torch is not installed;
 - a roofline: the memory bandwidth JAX reaches on this machine reading one large float32 array and
-  writing another (``y = 2x + 1``), measured in the same run: the higher of its two readings, into fresh
-  buffers and in place (see :func:`measure_bandwidth`).
+  writing another (``y = 2x + 1``), sampled through the same run: the higher of the medians of its two
+  readings, into fresh buffers and in place (see `BandwidthMeter`).
 
 Effective bytes are what a loss must move at the least: its inputs read once and its outputs (per
 example losses, or the gradients) written once. The fraction of the roofline is effective bytes/s
@@ -101,35 +101,59 @@ def timings(run: Callable[[], object], repeats: int) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "warmups": warmups}
 
 
-def measure_bandwidth(repeats: int) -> dict:
-    """Memory bandwidth of JAX on this machine, bytes/s of ``y = 2x + 1`` (one read, one write), best of
-    ``repeats``, two ways:
+class BandwidthMeter:
+    """Memory bandwidth of JAX on this machine, bytes/s of ``y = 2x + 1`` (one read, one write), two ways:
 
     - ``in_place``: 256 MiB float32 with the input donated, so the output reuses its buffer: the
       machine's streaming read + write bandwidth;
     - ``fresh_output``: 10^7 float32 (40 MB, the size of one gradient of the largest pairwise case)
       written to a new buffer on every call, as every jitted function returns its results. Buffers this
-      large are fresh pages from the OS each time, and first-touch page faults, not DRAM, bound the rate.
+      large may be fresh pages from the OS, and then first-touch page faults, not DRAM, bound the rate.
 
-    The roofline is the higher of the two (`roofline`): on one machine fresh buffers stay in a large L3 and
-    read faster than in place; on another the host pages idle memory out (a VM's DAMON reclaim), and fresh
+    Each reading is the median of calls sampled in bursts through the run (`sample`: a long one at the start and
+    the end, a short one before every case), as every loss's time is the median of its calls. This host's bandwidth
+    swings for a few hundred milliseconds at a time: on an AMD EPYC Zen 4 the in-place reading was 53-56 GB/s
+    in most runs and 100-105 GB/s in two of seven, while the loss timed a second later ran at its usual 4.4 ms; a
+    single burst's best call, the roofline before, then put the same loss at 43 % of it instead of 81-93 %.
+
+    The roofline is the higher of the two medians (`roofline`): on one machine fresh buffers stay in a large L3
+    and read faster than in place; on another the host pages idle memory out (a VM's DAMON reclaim), and fresh
     buffers read anywhere from 4 to 20 GB/s from one run to the next while in place holds at 25-30.
     """
-    x = jnp.ones((64 * 2**20,), jnp.float32)
-    in_place = jax.jit(lambda v: v * 2.0 + 1.0, donate_argnums=0)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        x = in_place(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    fresh = jnp.ones((10_000_000,), jnp.float32)
-    scale = jax.jit(lambda v: v * 2.0 + 1.0)
-    result = timings(lambda: scale(fresh).block_until_ready(), repeats)
-    return {"in_place": 2 * x.nbytes / best, "fresh_output": 2 * fresh.nbytes / result["min_s"]}
+
+    def __init__(self):
+        self._in_place_input = jnp.ones((64 * 2**20,), jnp.float32)
+        self._fresh_input = jnp.ones((10_000_000,), jnp.float32)
+        self._in_place = jax.jit(lambda v: v * 2.0 + 1.0, donate_argnums=0)
+        self._fresh = jax.jit(lambda v: v * 2.0 + 1.0)
+        self.samples: dict[str, list[float]] = {"in_place": [], "fresh_output": []}
+        self._fresh(self._fresh_input).block_until_ready()  # compiles
+        self._in_place_input = self._in_place(self._in_place_input).block_until_ready()
+
+    def sample(self, calls: int) -> None:
+        """``calls`` timed calls of each way, recorded in `samples` (bytes/s)."""
+        for _ in range(calls):
+            start = time.perf_counter()
+            self._in_place_input = self._in_place(self._in_place_input).block_until_ready()
+            self.samples["in_place"].append(2 * self._in_place_input.nbytes / (time.perf_counter() - start))
+        for _ in range(calls):
+            start = time.perf_counter()
+            self._fresh(self._fresh_input).block_until_ready()
+            self.samples["fresh_output"].append(2 * self._fresh_input.nbytes / (time.perf_counter() - start))
+
+    def readings(self) -> dict:
+        """The median of each way's samples (bytes/s), the best in-place one beside them, and the count."""
+        return {"in_place": statistics.median(self.samples["in_place"]),
+                "fresh_output": statistics.median(self.samples["fresh_output"]),
+                "in_place_best": max(self.samples["in_place"]), "calls": len(self.samples["in_place"])}
+
+
+ROOFLINE_CALLS = (8, 2)
+"""`BandwidthMeter.sample` calls of each way at the start and end of a run, and before each case."""
 
 
 def roofline(rooflines: dict) -> float:
-    """The bandwidth the fractions are taken against: the best that JAX reached, of `measure_bandwidth`'s two."""
+    """The bandwidth the fractions are taken against: the higher of `BandwidthMeter`'s two medians."""
     return max(rooflines["in_place"], rooflines["fresh_output"])
 
 
@@ -285,10 +309,8 @@ def torch_runs(function, inputs: dict, dtype: str):
 def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=tuple(LOSSES),
         torch_threads: int = 2, log=print) -> dict:
     """Measures everything; returns the JSON-ready result."""
-    rooflines = measure_bandwidth(repeats)
-    bandwidth = roofline(rooflines)
-    log(f"roofline: {bandwidth / 1e9:.1f} GB/s, the higher of {rooflines['in_place'] / 1e9:.1f} GB/s in place and "
-        f"{rooflines['fresh_output'] / 1e9:.1f} GB/s to fresh buffers (y = 2x + 1, jax {jax.__version__})")
+    meter = BandwidthMeter()
+    meter.sample(ROOFLINE_CALLS[0])
     peers = torch_functions()
     if peers is None:
         log("torch is not installed: PyTorch columns skipped (pip install 'jaxrm[bench]')")
@@ -301,12 +323,10 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
 
     def record(case: Case, result: dict):
         rate = case.effective_bytes / result["median_s"]
-        row = {**dataclasses.asdict(case), **result, "bytes_per_s": rate, "fraction_of_roofline": rate / bandwidth,
-               "fraction_of_in_place_bandwidth": rate / rooflines["in_place"]}
-        rows.append(row)
+        rows.append({**dataclasses.asdict(case), **result, "bytes_per_s": rate})
         log(f"{case.loss:<24} {case.implementation:<44} {case.mode:<8} N={case.n:<9}"
             f"{'' if case.list_size is None else f' K={case.list_size}':<5} {case.dtype:<9}"
-            f"{result['median_s'] * 1e3:10.3f} ms  {rate / 1e9:7.2f} GB/s  {rate / bandwidth:6.1%}")
+            f"{result['median_s'] * 1e3:10.3f} ms  {rate / 1e9:7.2f} GB/s")
 
     for name in loss_names:
         kind = LOSSES[name][0]
@@ -319,6 +339,7 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
                     if kind == "list" and n * list_size * list_size > MAX_LISTWISE_PAIR_ELEMENTS:
                         log(f"{name} N={n} K={list_size}: skipped ({n * list_size**2:.0e} pair elements)")
                         continue
+                    meter.sample(ROOFLINE_CALLS[1])
                     if kind == "pair":
                         inputs = _pair_inputs(n, DTYPES[dtype], key)
                     elif kind == "tie":
@@ -339,11 +360,22 @@ def run(sizes=DEFAULT_SIZES, dtypes=tuple(DTYPES), repeats: int = 7, loss_names=
                                 record(case, timings(peer_run, repeats))
                     del inputs
                     trim_heap()  # each case warms up from its own heap: the cases' growth does not pile up
+    meter.sample(ROOFLINE_CALLS[0])
+    rooflines = meter.readings()
+    bandwidth = roofline(rooflines)
+    log(f"roofline: {bandwidth / 1e9:.1f} GB/s, the higher of the medians of {rooflines['calls']} calls in place "
+        f"({rooflines['in_place'] / 1e9:.1f} GB/s, best {rooflines['in_place_best'] / 1e9:.1f}) and to fresh buffers "
+        f"({rooflines['fresh_output'] / 1e9:.1f} GB/s), y = 2x + 1, jax {jax.__version__}")
+    for row in rows:
+        row["fraction_of_roofline"] = row["bytes_per_s"] / bandwidth
+        row["fraction_of_in_place_bandwidth"] = row["bytes_per_s"] / rooflines["in_place"]
     return {
         "machine": machine(),
         "roofline_bytes_per_s": bandwidth,
         "fresh_output_bandwidth_bytes_per_s": rooflines["fresh_output"],
         "in_place_bandwidth_bytes_per_s": rooflines["in_place"],
+        "in_place_best_bandwidth_bytes_per_s": rooflines["in_place_best"],
+        "roofline_calls": rooflines["calls"],
         "repeats": repeats,
         "rows": rows,
         "floors": floors(rows),
@@ -384,10 +416,12 @@ def floors(rows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"Roofline (JAX, y = 2x + 1): **{result['roofline_bytes_per_s'] / 1e9:.1f} GB/s**, the higher of "
+        f"Roofline (JAX, y = 2x + 1): **{result['roofline_bytes_per_s'] / 1e9:.1f} GB/s**, the higher of the "
+        f"medians of {result['roofline_calls']} calls sampled through the run: "
         f"{result['fresh_output_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s writing fresh 40 MB buffers (as every "
         f"jitted function returns results) and {result['in_place_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s in "
-        f"place on 256 MiB (donated buffer); load average at the start "
+        f"place on 256 MiB (donated buffer; best call "
+        f"{result['in_place_best_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s); load average at the start "
         f"{' '.join(result['machine']['loadavg'] or [])}. 'of roofline' is against it.",
         "",
         "| loss | implementation | pass | N | K | dtype | median ms | min ms | max ms | GB/s | of roofline |",

@@ -34,11 +34,28 @@ def test_losses_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert "bradley_terry" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     assert result["floors"]["n"] == 1000
-    # The fractions are taken against the better of the two bandwidth readings.
+    # The fractions are taken against the better of the two bandwidth readings, sampled at the start, before each
+    # of the three cases (bradley_terry, all_pairs K=4 and K=8) and at the end.
     assert result["roofline_bytes_per_s"] == max(result["in_place_bandwidth_bytes_per_s"],
                                                  result["fresh_output_bandwidth_bytes_per_s"])
+    module = bench.benchmark_module("losses")
+    assert result["roofline_calls"] == 2 * module.ROOFLINE_CALLS[0] + 3 * module.ROOFLINE_CALLS[1]
+    assert result["in_place_best_bandwidth_bytes_per_s"] >= result["in_place_bandwidth_bytes_per_s"]
     ours = next(r for r in rows if r["loss"] == "bradley_terry" and r["mode"] == "fwd+bwd")
     assert ours["fraction_of_roofline"] == pytest.approx(ours["bytes_per_s"] / result["roofline_bytes_per_s"])
+
+
+def test_roofline_is_the_median_of_its_samples_not_the_best_call():
+    module = bench.benchmark_module("losses")
+    meter = module.BandwidthMeter()
+    meter.sample(3)
+    assert len(meter.samples["in_place"]) == len(meter.samples["fresh_output"]) == 3
+    assert all(rate > 0 for rate in meter.samples["in_place"] + meter.samples["fresh_output"])
+    # A burst the host runs twice as fast does not move the reading.
+    meter.samples = {"in_place": [50e9, 52e9, 54e9, 105e9, 101e9], "fresh_output": [30e9, 69e9, 35e9, 36e9, 34e9]}
+    readings = meter.readings()
+    assert readings == {"in_place": 54e9, "fresh_output": 35e9, "in_place_best": 105e9, "calls": 5}
+    assert module.roofline(readings) == 54e9
 
 
 def test_warmup_goes_on_while_calls_still_page_fault(monkeypatch):
