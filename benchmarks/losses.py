@@ -112,9 +112,10 @@ class BandwidthMeter:
 
     Each reading is the median of calls sampled in bursts through the run (`sample`: a long one at the start and
     the end, a short one before every case), as every loss's time is the median of its calls. This host's bandwidth
-    swings for a few hundred milliseconds at a time: on an AMD EPYC Zen 4 the in-place reading was 53-56 GB/s
-    in most runs and 100-105 GB/s in two of seven, while the loss timed a second later ran at its usual 4.4 ms; a
-    single burst's best call, the roofline before, then put the same loss at 43 % of it instead of 81-93 %.
+    swings for a few hundred milliseconds at a time: on an AMD EPYC Zen 4 the in-place reading was 52-56 GB/s
+    in most runs and 100-105 GB/s in two of seven, while the loss timed a moment later ran at its usual 3.9-4.4
+    ms; a single burst's best call, the roofline before, then put it at 43 and 51 % against 81-108 % in the
+    other five runs.
 
     The roofline is the higher of the two medians (`roofline`): on one machine fresh buffers stay in a large L3
     and read faster than in place; on another the host pages idle memory out (a VM's DAMON reclaim), and fresh
